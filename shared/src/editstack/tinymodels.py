@@ -1,0 +1,93 @@
+"""Building blocks for the embedded tiny models, shared by the editor's and the scorer's builders.
+
+Imported only inside a service environment: it needs `tokenizers` and `transformers`, which the
+editstack distribution itself does not depend on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Qwen2/2.5/3 pre-tokenizer split: digits split one by one, so "10" is the two tokens "1", "0".
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+ADDED_TOKENS = ["<tool_call>", "</tool_call>", "<think>", "</think>"]
+_CORPUS = [
+    "Describe the key features of the input image (color, shape, size, texture, objects, background), "
+    "then explain how the user's text instruction should alter or modify the image. Generate a new image "
+    "that meets the user's requirements while maintaining consistency with the original input where appropriate.",
+    "You are a strict judge. Rate how well the edited image follows the instruction. Score (0-10): 0 1 2 3 4 5 6 7 8 9 10",
+    "make the sky blue, add a red hat to the cat, remove the dog, turn it into a watercolor painting",
+    'system user assistant Picture Video image the a an of to and in is it that {"score": 7, "reasoning": ""}',
+]
+
+
+def write_qwen_tokenizer(out_dir: str | Path, vocab_size: int = 600, chat_template: str | None = None) -> dict[str, int]:
+    """Train a tiny byte-level BPE with Qwen's split rule and special tokens; write tokenizer.json and
+    tokenizer_config.json (loadable as Qwen2Tokenizer). Returns the special tokens' ids and the vocab size."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=1, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    # special tokens take the ids right after the BPE vocabulary, as in the real Qwen tokenizers
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_tokens(ADDED_TOKENS)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "model_max_length": 32768,
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": False,
+        "errors": "replace",
+        "add_prefix_space": False,
+    }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS + ADDED_TOKENS}
+    ids["vocab_size"] = tok.get_vocab_size(with_added_tokens=True)
+    return ids
+
+
+def drop_video_processor(*processor_classes: type) -> bool:
+    """Let Qwen processors load without torchvision, image-only.
+
+    Every Qwen video processor needs torchvision, and PyPI's torchvision does not import beside the
+    CPU torch build. The processors refuse `video_processor=None`, so the sub-processor is dropped
+    from the class; image-only calls never touch it. Call before building and before any
+    `from_pretrained`. Does nothing (returns False) where torchvision works, as on the GPU images.
+    """
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return False
+    for cls in processor_classes:
+        cls.attributes = ["image_processor", "tokenizer"]  # transformers 4.57 reads this
+        if hasattr(cls, "get_attributes"):  # transformers 5.x derives it from the __init__ signature
+            cls.get_attributes = classmethod(lambda c: ["image_processor", "tokenizer"])
+    return True
