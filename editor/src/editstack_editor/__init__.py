@@ -1,0 +1,1 @@
+"""The editstack editing service: loads a diffusers image-edit pipeline and serves edit batches."""

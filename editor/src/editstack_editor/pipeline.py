@@ -1,0 +1,192 @@
+"""The editor's model: a diffusers image-edit pipeline, loaded once, turning batches of jobs into images.
+
+The only module of the editor that imports torch and diffusers. A failed item comes back as an
+Exception in its slot of the result list; it never takes its batch neighbours or the process down.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from types import ModuleType
+
+import diffusers
+import PIL.Image
+import torch
+import transformers
+from diffusers import DiffusionPipeline
+from transformers import Qwen2VLProcessor
+
+from editstack.tinymodels import drop_video_processor
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The pipelines this module knows how to call, and whether one call may carry several items:
+# QwenImageEditPlusPipeline refuses batch_size > 1 (diffusers 0.39.0).
+_BATCHABLE = {"QwenImageEditPipeline": True, "QwenImageEditPlusPipeline": False}
+
+
+@dataclass(frozen=True)
+class EditJob:
+    """One edit: source image, instruction and sampling parameters; the output is width x height."""
+
+    image: PIL.Image.Image  # already RGB
+    instruction: str
+    seed: int
+    steps: int
+    guidance: float  # passed as true_cfg_scale; <= 1 disables classifier-free guidance
+    negative_prompt: str  # default " " upstream: None silently disables CFG in the Qwen pipelines
+    width: int
+    height: int
+
+
+class DiffusersEditor:
+    """A Qwen-Image-Edit family pipeline, loaded once; `edit` returns an image or an Exception per job."""
+
+    def __init__(
+        self, model: str, revision: str | None, device: str, dtype: str, condition_max_px: int | None = None
+    ) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        if condition_max_px is not None and condition_max_px < 32 * 32:
+            raise ValueError(f"condition_max_px {condition_max_px} is below 32*32, the pipelines' size step")
+        # read the class first: refusing an unsupported model should not cost loading its weights
+        pipeline_class = DiffusionPipeline.load_config(model, revision=revision)["_class_name"]
+        if pipeline_class not in _BATCHABLE:
+            raise ValueError(f"model {model!r} is a {pipeline_class}; supported: {', '.join(_BATCHABLE)}")
+        drop_video_processor(Qwen2VLProcessor)  # no-op where torchvision works (GPU images)
+        # a service's log is read line by line: no loading bars (the call below disables the edit bars)
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+
+        started = time.perf_counter()
+        pipe = DiffusionPipeline.from_pretrained(model, revision=revision, torch_dtype=_DTYPES[dtype]).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        _cap_condition_area(sys.modules[type(pipe).__module__], condition_max_px)
+        logger.info("loaded %s (%s, revision %s) on %s as %s in %.1f s",
+                    model, pipeline_class, revision, device, dtype, time.perf_counter() - started)
+
+        self.pipeline_class: str = pipeline_class
+        self._pipe = pipe
+        self._batchable = _BATCHABLE[pipeline_class]
+        # both pipelines floor width and height to this multiple without an error; refuse instead
+        self._size_multiple: int = pipe.vae_scale_factor * 2
+
+    def versions(self) -> dict[str, str]:
+        """Versions of the libraries that produce the edits."""
+        return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+    def edit(self, jobs: list[EditJob]) -> list[PIL.Image.Image | Exception]:
+        """Edit each job; one entry per job, in order: the RGB image, or the Exception that names why not."""
+        results: dict[int, PIL.Image.Image | Exception] = {}
+        batches: dict[tuple[object, ...], list[int]] = {}
+        for index, job in enumerate(jobs):
+            problem = self._problem(job)
+            if problem is not None:
+                results[index] = ValueError(problem)
+            else:
+                batches.setdefault(_batch_key(job) if self._batchable else (index,), []).append(index)
+
+        for indices in batches.values():
+            if len(indices) > 1:
+                images = self._run_batch([jobs[i] for i in indices])
+                if images is not None:
+                    results.update(zip(indices, images))
+                    continue
+            for i in indices:
+                results[i] = self._run_alone(jobs[i])
+        return [results[i] for i in range(len(jobs))]
+
+    def _problem(self, job: EditJob) -> str | None:
+        """What makes a job impossible to run as asked, checked before any model work."""
+        if job.image.mode != "RGB":
+            return f"image mode is {job.image.mode}, expected RGB"
+        if not job.instruction.strip():
+            return "instruction is empty"
+        if job.steps < 1:
+            return f"steps is {job.steps}, must be at least 1"
+        for name, value in (("width", job.width), ("height", job.height)):
+            if value < self._size_multiple or value % self._size_multiple:
+                return f"{name} is {value}, must be a positive multiple of {self._size_multiple}"
+        return None
+
+    def _run_batch(self, jobs: list[EditJob]) -> list[PIL.Image.Image] | None:
+        """All jobs in one pipeline call, or None when that call failed (the caller retries them alone)."""
+        try:
+            return self._call(jobs)
+        except Exception as exc:
+            logger.warning("batch of %d edits failed (%s: %s); retrying them one by one",
+                           len(jobs), type(exc).__name__, exc)
+        self._free_memory()
+        return None
+
+    def _run_alone(self, job: EditJob) -> PIL.Image.Image | Exception:
+        try:
+            return self._call([job])[0]
+        except Exception as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
+                failure = RuntimeError(f"out of memory in {self.pipeline_class}: {exc}")
+            else:
+                failure = RuntimeError(f"{self.pipeline_class} failed: {type(exc).__name__}: {exc}")
+            logger.warning("edit failed (seed %d, %dx%d, %d steps): %s", job.seed, job.width, job.height, job.steps,
+                           failure)
+            logger.debug("edit failure traceback", exc_info=True)
+        # outside the except block: the traceback's frames, and the tensors they hold, are gone now
+        self._free_memory()
+        return failure
+
+    def _call(self, jobs: list[EditJob]) -> list[PIL.Image.Image]:
+        """One pipeline call; the jobs share everything in `_batch_key`."""
+        first = jobs[0]
+        result = self._pipe(
+            # QwenImageEditPipeline: one image per item; QwenImageEditPlusPipeline (never batched): the
+            # list of one item's input images. Both read a list of PIL images.
+            image=[job.image for job in jobs],
+            prompt=[job.instruction for job in jobs],
+            # without guidance the negative prompt is unused; passing it would only log a warning per call
+            negative_prompt=[first.negative_prompt] * len(jobs) if first.guidance > 1 else None,
+            true_cfg_scale=first.guidance,
+            num_inference_steps=first.steps,
+            width=first.width,
+            height=first.height,
+            # one CPU generator per item: its noise depends only on its own seed, in any batch and on
+            # any device
+            generator=[torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
+        )
+        return result.images
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _batch_key(job: EditJob) -> tuple[object, ...]:
+    # QwenImageEditPipeline sizes every item's conditioning image from the first image's aspect
+    # ratio, so only jobs with equal ratios may share a call
+    return (job.steps, job.guidance, job.negative_prompt, job.width, job.height, job.image.width / job.image.height)
+
+
+def _cap_condition_area(module: ModuleType, max_px: int | None) -> None:
+    """Cap the area the pipeline module resizes conditioning images to; None restores its own sizes.
+
+    The Qwen edit pipelines resize every conditioning image to about 1024x1024 (Plus: also 384x384
+    for the text encoder), whatever the input and output sizes. For the tiny CPU model the VAE
+    encode at that size takes ~5 s against ~0.1 s for the rest of an edit, so tests cap it. The
+    pipelines offer no argument for it: this rebinds the module's `calculate_dimensions`.
+    """
+    original = getattr(module.calculate_dimensions, "__wrapped__", module.calculate_dimensions)
+    if max_px is None:
+        module.calculate_dimensions = original
+        return
+
+    @functools.wraps(original)
+    def capped(target_area: int, ratio: float) -> tuple[int, ...]:
+        return original(min(target_area, max_px), ratio)
+
+    module.calculate_dimensions = capped

@@ -1,0 +1,156 @@
+"""Build the embedded tiny Qwen-Image-Edit pipeline: the real classes with tiny random weights.
+
+`python -m editstack_editor.tiny OUT_DIR` writes a folder that `DiffusionPipeline.from_pretrained`
+loads like a real checkpoint, so the whole stack runs on a CPU with no model download. Its edits
+are noise; the marker file `editstack_tiny.json` lets reports say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImageEditPipeline,
+    QwenImageTransformer2DModel,
+)
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2TokenizerFast,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+)
+
+from editstack.tinymodels import drop_video_processor, write_qwen_tokenizer
+
+MARKER = "editstack_tiny.json"
+SEED = 0
+_TEXT_HIDDEN = 32  # text encoder width == transformer joint_attention_dim (real model: 3584)
+_Z_DIM = 16  # latent channels, as in the real Qwen-Image VAE
+
+
+def build(out_dir: Path) -> Path:
+    """Build the tiny pipeline into `out_dir` (atomically) and return it; an existing build is kept."""
+    out_dir = Path(out_dir)
+    if (out_dir / MARKER).is_file():
+        return out_dir
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists but holds no {MARKER}: not an editstack tiny model, left alone")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    try:
+        pipe = _tiny_pipeline()
+        pipe.save_pretrained(tmp_dir)
+        marker = {
+            "embedded_tiny": True,
+            "builder": "editstack_editor.tiny",
+            "pipeline_class": type(pipe).__name__,
+            "seed": SEED,
+            "note": "random weights: its edits, and any scores of them, mean nothing",
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "transformers": transformers.__version__},
+        }
+        (tmp_dir / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        # safetensors writes its files 0600; a folder built as root (e.g. in an image build) must
+        # stay readable by the service's non-root user
+        for path in tmp_dir.rglob("*"):
+            if path.is_file():
+                path.chmod(0o644)
+        try:
+            tmp_dir.rename(out_dir)
+        except OSError:
+            # another process finished the same (deterministic) build first: use theirs
+            if not (out_dir / MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out_dir
+
+
+def _tiny_pipeline() -> QwenImageEditPipeline:
+    """Mirror the real Qwen-Image-Edit structure (configs of the released checkpoint) at tiny widths."""
+    drop_video_processor(Qwen2VLProcessor)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        ids = write_qwen_tokenizer(tok_dir)
+        tokenizer = Qwen2TokenizerFast.from_pretrained(tok_dir)
+    # Qwen2VLImageProcessor ignores `size=`; these are the checkpoint's preprocessor_config.json values.
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2
+    )
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            hidden_size=_TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, rope_theta=1000000.0, vocab_size=ids["vocab_size"],
+            max_position_embeddings=8192,
+            # mrope sections sum to head_dim / 2 = 8
+            rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": [2, 3, 3]},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=_TEXT_HIDDEN,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+            fullatt_block_indexes=[1], in_channels=3,
+        ),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        # some code paths still read these top-level copies of the text config
+        vocab_size=ids["vocab_size"], hidden_size=_TEXT_HIDDEN,
+    )
+    torch.manual_seed(SEED)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    torch.manual_seed(SEED)
+    # temperal_downsample has three entries -> 8x spatial compression, as in the real VAE
+    vae = AutoencoderKLQwenImage(
+        base_dim=16, z_dim=_Z_DIM, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+        temperal_downsample=[False, True, True], latents_mean=[0.0] * _Z_DIM, latents_std=[1.0] * _Z_DIM,
+    )
+    torch.manual_seed(SEED)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=4 * _Z_DIM, out_channels=_Z_DIM, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=_TEXT_HIDDEN, guidance_embeds=False,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(  # the checkpoint's scheduler_config.json values
+        base_image_seq_len=256, base_shift=0.5, invert_sigmas=False, max_image_seq_len=8192, max_shift=0.9,
+        num_train_timesteps=1000, shift=1.0, shift_terminal=0.02, stochastic_sampling=False,
+        time_shift_type="exponential", use_beta_sigmas=False, use_dynamic_shifting=True,
+        use_exponential_sigmas=False, use_karras_sigmas=False,
+    )
+    pipe = QwenImageEditPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, processor=processor,
+        transformer=transformer,
+    )
+    # The pipeline drops the first `prompt_template_encode_start_idx` hidden states: the template's
+    # system prefix must tokenize to exactly that many tokens, or the edit prompt gets cut.
+    prefix = pipe.prompt_template_encode.split("<|vision_start|>")[0]
+    n_prefix = len(tokenizer(prefix).input_ids)
+    if n_prefix != pipe.prompt_template_encode_start_idx:
+        raise RuntimeError(
+            f"tiny tokenizer gives the edit template's prefix {n_prefix} tokens, "
+            f"the pipeline drops {pipe.prompt_template_encode_start_idx}"
+        )
+    return pipe
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m editstack_editor.tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="folder to create (kept as is when already built)")
+    args = parser.parse_args(argv)
+    print(build(args.out_dir))
+
+
+if __name__ == "__main__":
+    main()

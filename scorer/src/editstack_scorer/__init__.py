@@ -1,0 +1,1 @@
+"""The editstack judge service: a transformers VLM judge scoring image edits with versioned rubrics."""

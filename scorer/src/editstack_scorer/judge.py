@@ -1,0 +1,323 @@
+"""The judge: a transformers vision-language model (Qwen3-VL first) that scores image edits with a rubric.
+
+The only scorer module that imports torch and transformers. Two modes:
+
+- `logits`: each rubric question is asked on its own and the score is the expected value of the
+  answers 0..10 under the model's next-token probabilities; it never fails to parse.
+- `generate`: each rubric group is asked once (as VIEScore does) for a JSON object holding its
+  sub-scores; the reply is checked by `replies.parse_reply`, retried a bounded number of times, and
+  the raw texts are kept.
+
+One outcome per job, in order: a `ScoreResult` or a `ScoreError` (see `rubric`); one bad job never
+fails the others and a failure never becomes a number.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+import transformers
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen3VLProcessor
+
+from editstack.tinymodels import drop_video_processor
+from editstack_scorer.replies import ReplyRejected, parse_reply
+from editstack_scorer.rubric import (
+    GROUPS,
+    MODES,
+    SCORE_MAX,
+    InvalidJob,
+    JudgeModelError,
+    Rubric,
+    ScoreError,
+    ScoreResult,
+    UnparseableReply,
+)
+from editstack_scorer.tiny import MARKER
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Retries sample instead of repeating the greedy reply; attempt k uses seed k, so a rerun reproduces it.
+_RETRY_TEMPERATURE = 0.7
+
+_Out = TypeVar("_Out")
+# A prompt ready for the processor: the chat-formatted text and the images it shows, in order.
+_Prompt = tuple[str, list[Image.Image]]
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """One edit to judge: the source and edited images (RGB) and the instruction that was applied."""
+
+    source: Image.Image
+    edited: Image.Image
+    instruction: str
+
+
+class Judge:
+    """A VLM judge loaded once; `score` runs batches of jobs through it."""
+
+    def __init__(
+        self,
+        model: str,
+        revision: str | None,
+        device: str,
+        dtype: str,
+        max_new_tokens: int = 256,
+        generate_retries: int = 2,
+    ) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; known dtypes: {', '.join(_DTYPES)}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if generate_retries < 0:
+            raise ValueError(f"generate_retries must be 0 or more, got {generate_retries}")
+        self.max_new_tokens = max_new_tokens
+        self.generate_retries = generate_retries
+        self.embedded_tiny = (Path(model) / MARKER).is_file()
+
+        drop_video_processor(Qwen3VLProcessor)  # CPU images lack torchvision; a no-op where it works
+        start = time.monotonic()
+        self.processor = AutoProcessor.from_pretrained(model, revision=revision)
+        # left padding puts every row's answer position last, so one index reads the whole batch
+        self.processor.tokenizer.padding_side = "left"
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            model, revision=revision, dtype=_DTYPES[dtype], device_map=device
+        ).eval()
+        self.load_s = time.monotonic() - start
+        log.info(
+            "judge %s (revision %s) loaded on %s as %s in %.2f s%s",
+            model, revision, self.model.device, self.model.dtype, self.load_s,
+            " (embedded tiny model: scores mean nothing)" if self.embedded_tiny else "",
+        )
+
+    def versions(self) -> dict[str, str]:
+        """Versions of the libraries that produce the scores."""
+        return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+    def score(self, jobs: list[ScoreJob], mode: str, rubric: Rubric) -> list[ScoreResult | Exception]:
+        """Score each job with `rubric` in `mode`: one ScoreResult or ScoreError per job, in order."""
+        if mode not in MODES:
+            raise ValueError(f"unknown scoring mode {mode!r}; known modes: {', '.join(MODES)}")
+        outcomes: dict[int, ScoreResult | ScoreError] = {}
+        for i, job in enumerate(jobs):
+            problem = _job_problem(job)
+            if problem:
+                outcomes[i] = InvalidJob(problem)
+        live = [i for i in range(len(jobs)) if i not in outcomes]
+        start = time.monotonic()
+        if live:
+            score_live = self._score_logits if mode == "logits" else self._score_generate
+            outcomes.update(score_live(jobs, live, rubric))
+        failed = sum(isinstance(o, ScoreError) for o in outcomes.values())
+        log.info("scored %d jobs in %s mode in %.2f s; %d failed", len(jobs), mode, time.monotonic() - start, failed)
+        return [outcomes[i] for i in range(len(jobs))]
+
+    # ---- logits mode -------------------------------------------------------------------------
+
+    def _score_logits(self, jobs: list[ScoreJob], live: list[int], rubric: Rubric) -> dict[int, ScoreResult | ScoreError]:
+        digit_ids = self._digit_token_ids()
+        failed: dict[int, ScoreError] = {}
+        dists: dict[int, dict[str, list[float | str]]] = {i: {} for i in live}
+        masses: dict[int, dict[str, float]] = {i: {} for i in live}
+        for question in rubric.questions:
+            images = rubric.groups[question.group].images
+            todo = [i for i in live if i not in failed]
+
+            def answer(indices: list[int]) -> list[tuple[list[float], float]]:
+                prompts = [
+                    self._prompt(rubric, images, jobs[i], rubric.question_prompt(question, jobs[i].instruction))
+                    for i in indices
+                ]
+                return self._answer_distributions(prompts, digit_ids)
+
+            for i, out in zip(todo, self._each(answer, todo)):
+                if isinstance(out, ScoreError):
+                    failed[i] = out
+                elif not out[1] > 0:
+                    failed[i] = ScoreError(f"judge put no probability on the answers 0..10 for {question.name!r}")
+                else:
+                    dists[i][question.name], masses[i][question.name] = out
+        results: dict[int, ScoreResult | ScoreError] = dict(failed)
+        for i in live:
+            if i in failed:
+                continue
+            sub_scores = {
+                # the expected answer; the bound only absorbs float rounding of the normalised sum
+                name: min(float(sum(k * p for k, p in enumerate(dist))), SCORE_MAX)
+                for name, dist in dists[i].items()
+            }
+            results[i] = rubric.result(mode="logits", sub_scores=sub_scores, raw=dists[i], score_mass=masses[i])
+        return results
+
+    def _digit_token_ids(self) -> list[int]:
+        """Token ids of "0".."9"; logits mode needs Qwen-style digits, where "10" is "1" then "0"."""
+        tokenizer = self.processor.tokenizer
+        ids = [tokenizer.encode(str(d), add_special_tokens=False) for d in range(11)]
+        if any(len(t) != 1 for t in ids[:10]) or ids[10] != ids[1] + ids[0]:
+            raise ValueError(
+                "logits mode needs a tokenizer that encodes each digit as one token and '10' as '1', '0'; "
+                f"this one gives {ids}; use generate mode"
+            )
+        return [t[0] for t in ids[:10]]
+
+    def _answer_distributions(self, prompts: list[_Prompt], digit_ids: list[int]) -> list[tuple[list[float], float]]:
+        """Per prompt: the renormalised probabilities of the answers 0..10, and their mass before renormalising.
+
+        "10" is two tokens, so P(10) = P("1") * P("0" | "1") and P(1) = P("1") * (1 - P("0" | "1")).
+        One pass serves both factors: "1" is appended to every prompt, and causal attention makes the
+        logits before it exactly those of the prompt alone (a separate second pass would repeat them).
+        """
+        inputs = self._encode([(text + "1", images) for text, images in prompts])
+        if not bool((inputs["input_ids"][:, -1] == digit_ids[1]).all()):
+            raise RuntimeError("the tokenizer merged the appended '1' into the prompt's last token")
+        with torch.inference_mode():
+            logits = self.model(**inputs, logits_to_keep=2).logits
+        probs = logits.float().softmax(-1).double()
+        first = probs[:, 0, digit_ids]  # P(first answer token = d), d = 0..9
+        zero_after_one = probs[:, 1, digit_ids[0]]  # P("0" | "1")
+        one, ten = first[:, 1] * (1 - zero_after_one), first[:, 1] * zero_after_one
+        answers = torch.cat([first[:, :1], one[:, None], first[:, 2:], ten[:, None]], dim=1)
+        mass = answers.sum(dim=1)
+        dists = answers / mass[:, None]
+        return [(dist.tolist(), float(m)) for dist, m in zip(dists.cpu(), mass.cpu())]
+
+    # ---- generate mode -----------------------------------------------------------------------
+
+    def _score_generate(self, jobs: list[ScoreJob], live: list[int], rubric: Rubric) -> dict[int, ScoreResult | ScoreError]:
+        failed: dict[int, ScoreError] = {}
+        replies: dict[int, dict[str, list[float | str]]] = {i: {g: [] for g in GROUPS} for i in live}
+        reasons: dict[int, list[str]] = {i: [] for i in live}
+        sub_scores: dict[int, dict[str, float]] = {i: {} for i in live}
+        attempts = 1 + self.generate_retries
+        for group in GROUPS:
+            keys = rubric.sub_scores(group)
+            images = rubric.groups[group].images
+            pending = [i for i in live if i not in failed]
+            for attempt in range(attempts):
+                if not pending:
+                    break
+
+                def reply(indices: list[int], attempt: int = attempt) -> list[str]:
+                    prompts = [
+                        self._prompt(rubric, images, jobs[i], rubric.group_prompt(group, jobs[i].instruction))
+                        for i in indices
+                    ]
+                    return self._generate(prompts, attempt)
+
+                # the greedy first attempt runs as a batch; sampled retries run one job at a time, so
+                # a job's retry replies do not depend on which other jobs shared its batch
+                outs = self._each(reply, pending) if attempt == 0 else [self._each(reply, [i])[0] for i in pending]
+                still_pending = []
+                for i, out in zip(pending, outs):
+                    if isinstance(out, ScoreError):
+                        failed[i] = out
+                        continue
+                    replies[i][group].append(out)
+                    try:
+                        sub_scores[i].update(parse_reply(out, keys))
+                    except ReplyRejected as e:
+                        reasons[i].append(f"group {group!r}, attempt {attempt + 1}: {e.reason}")
+                        still_pending.append(i)
+                pending = still_pending
+            for i in pending:
+                failed[i] = UnparseableReply(
+                    f"unparseable judge reply for group {group!r} after {attempts} attempts: {reasons[i][-1]}",
+                    raw=[str(text) for g in GROUPS for text in replies[i][g]],
+                    reasons=reasons[i],
+                )
+        results: dict[int, ScoreResult | ScoreError] = dict(failed)
+        for i in live:
+            if i not in failed:
+                results[i] = rubric.result(
+                    mode="generate",
+                    sub_scores=sub_scores[i],
+                    raw=replies[i],
+                    attempts=sum(len(texts) for texts in replies[i].values()),
+                )
+        return results
+
+    def _generate(self, prompts: list[_Prompt], attempt: int) -> list[str]:
+        """Reply texts: greedy on the first attempt, seeded sampling on retries."""
+        inputs = self._encode(prompts)
+        options: dict[str, object] = {"do_sample": False}
+        if attempt > 0:
+            torch.manual_seed(attempt)
+            options = {"do_sample": True, "temperature": _RETRY_TEMPERATURE}
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs,
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=self.processor.tokenizer.pad_token_id,
+                **options,
+            )
+        new_tokens = out[:, inputs["input_ids"].shape[1] :]
+        return self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+
+    # ---- shared ------------------------------------------------------------------------------
+
+    def _prompt(self, rubric: Rubric, images: Sequence[str], job: ScoreJob, text: str) -> _Prompt:
+        shown = [job.source if name == "source" else job.edited for name in images]
+        messages = [
+            {"role": "system", "content": rubric.system},
+            {"role": "user", "content": [{"type": "image"} for _ in shown] + [{"type": "text", "text": text}]},
+        ]
+        chat = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return chat, shown
+
+    def _encode(self, prompts: list[_Prompt]) -> transformers.BatchFeature:
+        texts = [text for text, _ in prompts]
+        images = [image for _, shown in prompts for image in shown]
+        # the result carries mm_token_type_ids, which transformers 5 needs for Qwen3-VL's M-RoPE positions
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        return inputs.to(self.model.device)
+
+    def _each(self, run: Callable[[list[int]], list[_Out]], indices: list[int]) -> list[_Out | ScoreError]:
+        """`run` over the whole batch; if it raises, retry job by job so that only the culprit fails."""
+        if len(indices) > 1:
+            try:
+                return list(run(indices))
+            except Exception:
+                log.warning("judge failed on a batch of %d jobs; retrying them one by one", len(indices), exc_info=True)
+            # freed after the except block, once the exception no longer pins the batch's tensors
+            self._free_memory()
+        outs: list[_Out | ScoreError] = []
+        for i in indices:
+            error = None
+            try:
+                outs.extend(run([i]))
+            except Exception as e:
+                log.warning("judge failed on job %d", i, exc_info=True)
+                error = JudgeModelError(f"judge model failed: {type(e).__name__}: {e}")
+            if error is not None:
+                self._free_memory()
+                outs.append(error)
+        return outs
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _job_problem(job: ScoreJob) -> str | None:
+    """Why a job cannot be scored as given, or None; inputs are checked, never silently converted."""
+    for field in ("source", "edited"):
+        image = getattr(job, field)
+        if not isinstance(image, Image.Image):
+            return f"{field} is a {type(image).__name__}, expected a PIL image"
+        if image.mode != "RGB":
+            return f"{field} image mode is {image.mode!r}, expected 'RGB'"
+    if not isinstance(job.instruction, str):
+        return f"instruction is a {type(job.instruction).__name__}, expected text"
+    if not job.instruction.strip():
+        return f"instruction {job.instruction!r} is empty"
+    return None

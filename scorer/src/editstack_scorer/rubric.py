@@ -1,0 +1,214 @@
+"""Rubrics (versioned prompt sets shipped as text files, and their aggregation) and the per-item outcomes.
+
+A rubric asks sub-score questions in two groups, semantic consistency (`sc`) and perceptual quality
+(`pq`), each answered 0-10. A group's score is the minimum of its sub-scores (one failed aspect
+sinks the group, as in VIEScore) and overall = sqrt(sc * pq). Every result carries the rubric id,
+its version and the rule as text, so a number is never read without what produced it.
+
+Per-item outcome of `Judge.score`: a `ScoreResult`, or one of these exceptions (returned, not raised)::
+
+    ScoreError                the job could not be scored; `reason` says why
+    ├── InvalidJob            its inputs are unusable (image mode, empty instruction)
+    ├── JudgeModelError       the model or its processor raised on it (e.g. CUDA out of memory)
+    └── UnparseableReply      `generate` mode: no schema-valid reply within the attempts; `raw`, `reasons`
+
+Torch-free, so the service's settings and tests import it without the model stack.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from importlib import resources
+from string import Template
+from typing import Literal
+
+import msgspec
+
+MODES = ("logits", "generate")
+GROUPS = ("sc", "pq")
+DEFAULT_RUBRIC = "viescore"
+SCORE_MIN, SCORE_MAX = 0, 10
+
+
+class UnknownRubricError(ValueError):
+    """No rubric file ships under this id."""
+
+
+class ScoreError(Exception):
+    """One job could not be scored: returned in its slot of `Judge.score`, never raised from it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class InvalidJob(ScoreError):
+    """The job's inputs are unusable (image mode, empty instruction)."""
+
+
+class JudgeModelError(ScoreError):
+    """The model or its processor raised on this job (e.g. CUDA out of memory); the reason names the exception."""
+
+
+class UnparseableReply(ScoreError):
+    """`generate` mode: no reply passed the schema within the allowed attempts.
+
+    `raw` keeps every reply text produced for the job, in order (group `sc`, then `pq`); `reasons`
+    has one line per rejected reply: its group, its attempt and the rule it broke.
+    """
+
+    def __init__(self, reason: str, raw: list[str], reasons: list[str]) -> None:
+        super().__init__(reason)
+        self.raw = raw
+        self.reasons = reasons
+
+
+class ScoreResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The judge's verdict on one job.
+
+    `sub_scores` map each question to 0-10; `sc`, `pq` and `overall` follow the rule in `aggregation`.
+    `score_mass` (logits mode) is the probability the judge put on the answers 0..10 before
+    renormalising, per question. `raw` is the judge's own output: in logits mode, per question the
+    11 probabilities of the answers 0..10; in generate mode, per group the reply texts of every
+    attempt. `attempts` counts generate calls (0 in logits mode).
+    """
+
+    rubric_id: str
+    rubric_version: str
+    mode: str
+    sub_scores: dict[str, float]
+    sc: float
+    pq: float
+    overall: float
+    aggregation: str
+    score_mass: dict[str, float] = {}
+    raw: dict[str, list[float | str]] = {}
+    attempts: int = 0
+
+
+class Group(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A group of sub-scores: the images its prompts show, and its `generate`-mode prompt."""
+
+    title: str
+    images: tuple[Literal["source", "edited"], ...]
+    prompt: str
+
+
+class Question(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One sub-score, asked on its own in `logits` mode."""
+
+    name: str
+    group: str
+    prompt: str
+
+
+class Rubric(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A versioned prompt set; its layout is documented at the top of `rubrics/viescore.txt`."""
+
+    id: str
+    version: str
+    description: str
+    system: str
+    groups: dict[str, Group]
+    questions: tuple[Question, ...]
+
+    def sub_scores(self, group: str) -> tuple[str, ...]:
+        """The names of the questions in `group`, in file order."""
+        return tuple(q.name for q in self.questions if q.group == group)
+
+    @property
+    def aggregation(self) -> str:
+        """The aggregation rule as text, written into every result."""
+        groups = "; ".join(f"{g} = min({', '.join(self.sub_scores(g))})" for g in GROUPS)
+        return f"{groups}; overall = sqrt(sc * pq)"
+
+    def question_prompt(self, question: Question, instruction: str) -> str:
+        return Template(question.prompt).substitute(instruction=instruction)
+
+    def group_prompt(self, group: str, instruction: str) -> str:
+        return Template(self.groups[group].prompt).substitute(instruction=instruction)
+
+    def result(
+        self,
+        *,
+        mode: str,
+        sub_scores: dict[str, float],
+        raw: dict[str, list[float | str]],
+        score_mass: dict[str, float] | None = None,
+        attempts: int = 0,
+    ) -> ScoreResult:
+        """Aggregate `sub_scores` into a ScoreResult; they must be exactly this rubric's, each in 0..10."""
+        expected = {q.name for q in self.questions}
+        if set(sub_scores) != expected:
+            raise ValueError(f"rubric {self.id!r} needs sub-scores {sorted(expected)}, got {sorted(sub_scores)}")
+        for name, value in sub_scores.items():
+            if not SCORE_MIN <= value <= SCORE_MAX:  # also rejects NaN
+                raise ValueError(f"sub-score {name!r} = {value!r} is outside {SCORE_MIN}..{SCORE_MAX}")
+        sc, pq = (min(sub_scores[n] for n in self.sub_scores(g)) for g in GROUPS)
+        return ScoreResult(
+            rubric_id=self.id,
+            rubric_version=self.version,
+            mode=mode,
+            sub_scores=sub_scores,
+            sc=sc,
+            pq=pq,
+            overall=math.sqrt(sc * pq),
+            aggregation=self.aggregation,
+            score_mass=score_mass or {},
+            raw=raw,
+            attempts=attempts,
+        )
+
+
+def known_rubrics() -> list[str]:
+    """Ids of the rubrics shipped with the scorer, sorted."""
+    folder = resources.files(__package__) / "rubrics"
+    return sorted(f.name.removesuffix(".txt") for f in folder.iterdir() if f.name.endswith(".txt"))
+
+
+@lru_cache(maxsize=None)
+def load_rubric(rubric_id: str) -> Rubric:
+    """Read and check the shipped rubric `rubric_id`; raises UnknownRubricError naming the known ones."""
+    known = known_rubrics()
+    if rubric_id not in known:
+        raise UnknownRubricError(f"unknown rubric {rubric_id!r}; known rubrics: {', '.join(known)}")
+    name = f"rubrics/{rubric_id}.txt"
+    try:
+        rubric = msgspec.toml.decode((resources.files(__package__) / name).read_bytes(), type=Rubric)
+    except msgspec.DecodeError as e:  # ValidationError is a DecodeError too
+        raise ValueError(f"rubric file {name}: {e}") from e
+    _check(rubric, name)
+    return rubric
+
+
+def _check(rubric: Rubric, name: str) -> None:
+    """Cross-field rules the schema cannot express; a shipped file that breaks one is a defect."""
+    problems = []
+    if rubric.id != name.removeprefix("rubrics/").removesuffix(".txt"):
+        problems.append(f"id {rubric.id!r} differs from the file name")
+    if tuple(rubric.groups) != GROUPS:
+        problems.append(f"groups must be {list(GROUPS)} in that order, got {list(rubric.groups)}")
+    names = [q.name for q in rubric.questions]
+    if len(set(names)) != len(names):
+        problems.append(f"question names repeat: {names}")
+    for q in rubric.questions:
+        if q.group not in GROUPS:
+            problems.append(f"question {q.name!r} names unknown group {q.group!r}")
+    for g, group in rubric.groups.items():
+        if not rubric.sub_scores(g):
+            problems.append(f"group {g!r} has no questions")
+        if not group.images or len(set(group.images)) != len(group.images):
+            problems.append(f"group {g!r} must show each of its images once, got {list(group.images)}")
+        # the generate prompt must ask for exactly the keys the reply schema will require
+        missing = [n for n in rubric.sub_scores(g) if f'"{n}"' not in group.prompt]
+        if missing:
+            problems.append(f"group {g!r} prompt does not ask for {missing}")
+    prompts = {f"group {g!r}": group.prompt for g, group in rubric.groups.items()}
+    prompts |= {f"question {q.name!r}": q.prompt for q in rubric.questions}
+    for label, text in prompts.items():
+        template = Template(text)
+        if not template.is_valid() or set(template.get_identifiers()) - {"instruction"}:
+            problems.append(f"{label} prompt may use only the placeholder $instruction")
+    if problems:
+        raise ValueError(f"rubric file {name}: " + "; ".join(problems))

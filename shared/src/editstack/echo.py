@@ -1,0 +1,77 @@
+"""A model-free service that edits by returning each source image unchanged.
+
+It is the transport's reference peer for tests and `scripts/bench transport`: the real server loop,
+limits and codec with no model behind them. Its knobs simulate a slow start (`--load-s`) and slow
+requests (`--delay-s` for the first `--delay-count` work requests).
+
+    python -m editstack.echo ipc:///tmp/echo.sock [--load-s S] [--delay-s S --delay-count N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+
+from editstack.codec import Blobs, Limits, read_image
+from editstack.errors import ImageError
+from editstack.protocol import EditReply, EditRequest, EditResult, ErrorReply, ItemError, Reply, ScoreRequest, Status
+from editstack.transport import Server, serve_forever
+
+
+class EchoWorker:
+    """Returns every source image as it came (same encoding, same bytes)."""
+
+    def __init__(self, limits: Limits, delay_s: float = 0.0, delay_count: int = 0) -> None:
+        self.limits = limits
+        self._delay_s = delay_s
+        self._delays_left = delay_count
+        self._lock = threading.Lock()
+
+    def handle(self, request: EditRequest | ScoreRequest, blobs: list[memoryview]) -> tuple[Reply, Blobs | None]:
+        with self._lock:
+            delay, self._delays_left = (self._delay_s, self._delays_left - 1) if self._delays_left > 0 else (0.0, 0)
+        time.sleep(delay)
+        if not isinstance(request, EditRequest):
+            return ErrorReply("unsupported", "the echo service only answers edit requests"), None
+        out = Blobs()
+        results = []
+        for item in request.items:
+            try:
+                image = read_image(item.image, blobs, self.limits)
+            except ImageError as exc:
+                results.append(EditResult(id=item.id, error=ItemError("bad_image", f"item {item.id!r} field 'image': {exc}")))
+                continue
+            ref = out.add(blobs[item.image.frame] if item.image.encoding == "png" else image)
+            results.append(EditResult(id=item.id, image=ref))
+        return EditReply(items=results), out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m editstack.echo", description=__doc__.splitlines()[0])
+    parser.add_argument("endpoint")
+    parser.add_argument("--load-s", type=float, default=0.0, help="simulated model load time")
+    parser.add_argument("--delay-s", type=float, default=0.0, help="extra time for each delayed request")
+    parser.add_argument("--delay-count", type=int, default=0, help="how many work requests are delayed")
+    parser.add_argument("--max-message-bytes", type=int, default=Limits.max_message_bytes)
+    parser.add_argument("--max-image-px", type=int, default=Limits.max_image_px)
+    parser.add_argument("--max-batch", type=int, default=Limits.max_batch)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    limits = Limits(args.max_message_bytes, args.max_image_px, args.max_batch)
+
+    def status() -> Status:
+        state = "ready" if server.workers else "loading"
+        return Status(service="echo", state=state, model="echo", revision="", device="cpu", workers=server.workers)
+
+    def load() -> EchoWorker:
+        time.sleep(args.load_s)
+        return EchoWorker(limits, args.delay_s, args.delay_count)
+
+    server = Server(args.endpoint, status, limits)
+    return serve_forever(server, [load])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

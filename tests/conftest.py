@@ -1,0 +1,83 @@
+"""Shared fixtures: real service processes on short ipc paths, started and stopped with bounds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from editstack.errors import EditstackError
+from editstack.transport import Client
+
+
+class ServiceProcess:
+    """A service started as a real process; `wait_ready` pings it until ready (bounded)."""
+
+    def __init__(self, args: list[str], endpoint: str, env: dict[str, str] | None = None, log: Path | None = None) -> None:
+        self.args, self.endpoint, self.env, self.log = args, endpoint, env, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> ServiceProcess:
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
+        self.proc = subprocess.Popen(self.args, env={**os.environ, **(self.env or {})}, stdout=out, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        with Client(self.endpoint, timeout_s=1.0, retries=0) as client:
+            while time.monotonic() < deadline:
+                assert self.proc and self.proc.poll() is None, f"{self.args} exited with {self.proc.returncode}: {self.tail()}"
+                try:
+                    if client.ping().state == "ready":
+                        return
+                except EditstackError:
+                    pass
+                time.sleep(0.1)
+        raise TimeoutError(f"{self.endpoint} not ready within {timeout_s}s: {self.tail()}")
+
+    def tail(self) -> str:
+        return self.log.read_text()[-3000:] if self.log and self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout_s)
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A short folder for ipc sockets (their paths are limited to ~100 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="es-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def start_echo(sockdir: Path, tmp_path: Path) -> Iterator:
+    """Start editstack's echo service as a process: start_echo(*extra_args) -> ServiceProcess (ready)."""
+    started: list[ServiceProcess] = []
+
+    def start(*extra: str, name: str = "echo", wait: bool = True) -> ServiceProcess:
+        endpoint = f"ipc://{sockdir}/{name}.sock"
+        service = ServiceProcess([sys.executable, "-m", "editstack.echo", endpoint, *extra], endpoint,
+                                 log=tmp_path / f"{name}.log").start()
+        started.append(service)
+        if wait:
+            service.wait_ready(30)
+        return service
+
+    yield start
+    for service in started:
+        service.stop()
