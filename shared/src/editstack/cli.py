@@ -1,9 +1,14 @@
 """The `editstack` command line.
 
-    editstack ping ENDPOINT [--json] [--timeout S]
+    editstack ping  ENDPOINT [--json] [--timeout S]
+    editstack edit  ENDPOINT --image IN.png --instruction TEXT [--seed N] [--steps N] ... --out OUT.png
+    editstack score ENDPOINT --source A.png --edited B.png --instruction TEXT [--mode logits|generate]
+    editstack run   [--config BENCH.yaml] [--categories C ...] [--limit N] [--run-dir DIR]
+                    [--only edit|score] [--edits DIR] [--dataset SPEC] [--strict]
 
-Exit status: 0 success (for ping: the service is ready), 1 the service is up but not ready,
-3 the service is unreachable or refused the request. Container healthchecks call `ping`.
+Exit status: 0 success (for ping: the service is ready); 1 the service is up but not ready, an
+item failed, or a run finished with failures; 2 usage or configuration error; 3 the service is
+unreachable or refused the request. Container healthchecks call `ping`.
 """
 
 from __future__ import annotations
@@ -12,30 +17,17 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
+from typing import Any
 
 import msgspec
 
-from editstack.errors import EditstackError
+from editstack.codec import Blobs, Limits, encode_png, read_image, read_image_file
+from editstack.errors import EditstackError, RemoteError, ServiceUnavailable
+from editstack.protocol import EditItem, EditParams, EditRequest, ScoreItem, ScoreRequest
 from editstack.transport import Client
 
-EXIT_OK, EXIT_NOT_READY, EXIT_UNAVAILABLE = 0, 1, 3
-
-
-def _ping(args: argparse.Namespace) -> int:
-    with _client(args.endpoint, args.timeout, retries=0) as client:
-        try:
-            status = client.ping()
-        except EditstackError as exc:
-            print(json.dumps({"endpoint": args.endpoint, "error": str(exc)}) if args.json else str(exc),
-                  file=sys.stdout if args.json else sys.stderr)
-            return EXIT_UNAVAILABLE
-    if args.json:
-        print(json.dumps(msgspec.to_builtins(status)))
-    else:
-        versions = " ".join(f"{k}={v}" for k, v in status.versions.items())
-        print(f"{status.service} {status.state}: {status.model}@{status.revision or '-'} on {status.device} "
-              f"({status.workers} worker(s)) {versions}".rstrip())
-    return EXIT_OK if status.state == "ready" else EXIT_NOT_READY
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
 
 def _client(endpoint: str, timeout_s: float, retries: int) -> Client:
@@ -45,21 +37,126 @@ def _client(endpoint: str, timeout_s: float, retries: int) -> Client:
         raise SystemExit(f"editstack: {exc}") from None
 
 
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, ensure_ascii=False, indent=2))
+
+
+def _ping(args: argparse.Namespace) -> int:
+    with _client(args.endpoint, args.timeout, retries=0) as client:
+        status = client.ping()
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(status)))
+    else:
+        versions = " ".join(f"{k}={v}" for k, v in status.versions.items())
+        print(f"{status.service} {status.state}: {status.model}@{status.revision or '-'} on {status.device} "
+              f"({status.workers} worker(s)) {versions}".rstrip())
+    return EXIT_OK if status.state == "ready" else EXIT_FAILED
+
+
+def _edit(args: argparse.Namespace) -> int:
+    image, note = read_image_file(args.image)
+    blobs = Blobs()
+    item = EditItem(id=Path(args.image).stem, instruction=args.instruction, image=blobs.add(image), seed=args.seed,
+                    width=args.width, height=args.height)
+    request = EditRequest([item], EditParams(steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt))
+    with _client(args.endpoint, args.timeout, retries=1) as client:
+        reply, received = client.edit(request, blobs)
+    result = reply.items[0]
+    out = msgspec.to_builtins(result)
+    out["notes"] = ([f"client: {note}"] if note else []) + out.get("notes", [])
+    if result.error is None:
+        Path(args.out).write_bytes(encode_png(read_image(result.image, received, Limits())))
+        out["image"] = args.out
+    _print_json(out)
+    if result.error is not None:
+        print(f"editstack: edit failed: {result.error.message}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _score(args: argparse.Namespace) -> int:
+    blobs = Blobs()
+    source, edited = read_image_file(args.source)[0], read_image_file(args.edited)[0]
+    item = ScoreItem(id=Path(args.edited).stem, instruction=args.instruction, source=blobs.add(source),
+                     edited=blobs.add(edited))
+    with _client(args.endpoint, args.timeout, retries=1) as client:
+        reply = client.score(ScoreRequest([item], mode=args.mode, rubric=args.rubric), blobs)
+    result = reply.items[0]
+    _print_json(msgspec.to_builtins(result))
+    if result.error is not None:
+        print(f"editstack: scoring failed: {result.error.message}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    # the runner's extras (yaml, tqdm) are not installed in the service images: import on use
+    from editstack.config import load_config
+    from editstack.runner import run
+
+    overrides = {key: value for key, value in {
+        "dataset": args.dataset, "categories": args.categories, "limit": args.limit, "run_dir": args.run_dir,
+        "only": args.only, "edits": args.edits, "strict": True if args.strict else None,
+    }.items() if value is not None}
+    logging.getLogger().setLevel(logging.INFO)
+    return run(load_config(args.config, overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="editstack", description="Benchmark image editors with a VLM judge.")
     commands = parser.add_subparsers(dest="command", required=True)
+
     ping = commands.add_parser("ping", help="print a service's state; exit 0 only when it is ready")
     ping.add_argument("endpoint", help="ipc:///path/to.sock or tcp://host:port")
     ping.add_argument("--json", action="store_true", help="print the full status as JSON")
     ping.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
     ping.set_defaults(func=_ping)
+
+    edit = commands.add_parser("edit", help="edit one image through an editor service")
+    edit.add_argument("endpoint")
+    edit.add_argument("--image", required=True)
+    edit.add_argument("--instruction", required=True)
+    edit.add_argument("--out", required=True, help="where to write the edited PNG")
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--steps", type=int)
+    edit.add_argument("--guidance", type=float, help="true_cfg_scale")
+    edit.add_argument("--negative-prompt")
+    edit.add_argument("--width", type=int)
+    edit.add_argument("--height", type=int)
+    edit.add_argument("--timeout", type=float, default=600.0)
+    edit.set_defaults(func=_edit)
+
+    score = commands.add_parser("score", help="score one edit through a scorer service")
+    score.add_argument("endpoint")
+    score.add_argument("--source", required=True)
+    score.add_argument("--edited", required=True)
+    score.add_argument("--instruction", required=True)
+    score.add_argument("--mode", choices=["logits", "generate"])
+    score.add_argument("--rubric")
+    score.add_argument("--timeout", type=float, default=600.0)
+    score.set_defaults(func=_score)
+
+    run = commands.add_parser("run", help="run a benchmark through the editor and scorer services")
+    run.add_argument("--config", type=Path, help="benchmark YAML (flags override it; it overrides defaults)")
+    run.add_argument("--dataset", help='"sample", a manifest .jsonl, a KRIS-Bench folder or a GEdit-Bench export')
+    run.add_argument("--categories", nargs="+", help="only these categories (names or aliases, e.g. 物理)")
+    run.add_argument("--limit", type=int, help="only the first N selected items")
+    run.add_argument("--run-dir", help="the run folder; an existing one is resumed")
+    run.add_argument("--only", choices=["edit", "score"], help="run one stage only")
+    run.add_argument("--edits", help="with --only score: a run folder or a <category>/<id>.png folder")
+    run.add_argument("--strict", action="store_true", help="invalid dataset items are fatal")
+    run.set_defaults(func=_run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except EditstackError as exc:
+        print(f"editstack: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE if isinstance(exc, ServiceUnavailable | RemoteError) else EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -117,6 +118,19 @@ def as_rgb(array: np.ndarray) -> tuple[np.ndarray, str | None]:
     rgba = Image.fromarray(array, "RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return np.asarray(Image.alpha_composite(white, rgba).convert("RGB")), "converted RGBA to RGB over white"
+
+
+def read_image_file(path: str | Path) -> tuple[np.ndarray, str | None]:
+    """An image file as an array to send: L, RGB and RGBA as they are (services convert and say
+    so); other modes (P, CMYK, I;16…) as RGB, with a note. ImageError for a missing or bad file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("L", "RGB", "RGBA"):
+                return np.asarray(im), None
+            return np.asarray(im.convert("RGB")), f"converted {im.mode} to RGB"
+    except OSError as exc:  # FileNotFoundError and Pillow's UnidentifiedImageError included
+        raise ImageError(f"unreadable image {path}: {exc}") from exc
 
 
 def encode_png(array: np.ndarray) -> bytes:

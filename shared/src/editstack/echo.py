@@ -10,14 +10,14 @@ requests (`--delay-s` for the first `--delay-count` work requests).
 from __future__ import annotations
 
 import argparse
-import logging
 import threading
 import time
 
 from editstack.codec import Blobs, Limits, read_image
 from editstack.errors import ImageError
 from editstack.protocol import EditReply, EditRequest, EditResult, ErrorReply, ItemError, Reply, ScoreRequest, Status
-from editstack.transport import Server, serve_forever
+from editstack.service import run_service
+from editstack.transport import Server
 
 
 class EchoWorker:
@@ -58,10 +58,9 @@ def main() -> int:
     parser.add_argument("--max-image-px", type=int, default=Limits.max_image_px)
     parser.add_argument("--max-batch", type=int, default=Limits.max_batch)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     limits = Limits(args.max_message_bytes, args.max_image_px, args.max_batch)
 
-    def status() -> Status:
+    def status(server: Server) -> Status:
         state = "ready" if server.workers else "loading"
         return Status(service="echo", state=state, model="echo", revision="", device="cpu", workers=server.workers)
 
@@ -69,8 +68,7 @@ def main() -> int:
         time.sleep(args.load_s)
         return EchoWorker(limits, args.delay_s, args.delay_count)
 
-    server = Server(args.endpoint, status, limits)
-    return serve_forever(server, [load])
+    return run_service(args.endpoint, limits, status, [load])
 
 
 if __name__ == "__main__":

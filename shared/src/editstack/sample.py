@@ -17,13 +17,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from editstack.datasets import MANIFEST_NAME
+from editstack.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -174,17 +174,17 @@ def write_sample(out_dir: Path) -> Path:
     for case in _cases():
         scene = f"{case.category}-{case.number}"
         source, reference = f"images/{scene}.png", f"images/{scene}-expected.png"
-        _write_atomic(out_dir / source, _png(case.before))
-        _write_atomic(out_dir / reference, _png(case.after))
+        write_atomic(out_dir / source, _png(case.before))
+        write_atomic(out_dir / reference, _png(case.after))
         for language, instruction in (("en", case.en), ("zh", case.zh)):
             record = {"id": f"{scene}-{language}", "category": case.category,
                       "category_aliases": list(CATEGORY_ALIASES[case.category]),
                       "instruction": instruction, "language": language, "source": source,
                       "reference": reference, "metadata": {"scene": scene, "sample_version": SAMPLE_VERSION}}
             lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    _write_atomic(manifest, "".join(lines).encode("utf-8"))
+    write_atomic(manifest, "".join(lines).encode("utf-8"))
     # The marker goes last: a write cut short leaves no marker and is redone next time.
-    _write_atomic(marker, marker_text.encode("utf-8"))
+    write_atomic(marker, marker_text.encode("utf-8"))
     return manifest
 
 
@@ -201,9 +201,3 @@ def _png(scene: _Scene) -> bytes:
     # Fixed encoder settings and no metadata chunks: the same pixels always give the same bytes.
     image.save(buffer, format="PNG", optimize=False, compress_level=6)
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.write_bytes(data)
-    os.replace(partial, path)

@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import zmq
@@ -82,6 +83,8 @@ class Server:
         """Serve until `stopped` is set. Malformed input is answered or logged, never fatal."""
         frontend = self._context.socket(zmq.ROUTER)
         frontend.setsockopt(zmq.LINGER, 0)
+        if self.endpoint.startswith("ipc://"):
+            Path(self.endpoint.removeprefix("ipc://")).parent.mkdir(parents=True, exist_ok=True)
         frontend.bind(self.endpoint)
         replies = self._context.socket(zmq.PULL)
         replies.bind(self._replies_endpoint)

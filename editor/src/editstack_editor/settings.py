@@ -1,0 +1,38 @@
+"""The editor's settings: one typed object read from EDITOR_* environment variables."""
+
+from __future__ import annotations
+
+import msgspec
+
+from editstack.codec import Limits
+
+EMBEDDED_MODEL = "embedded-tiny"
+IDENTITY_MODEL = "identity"
+
+
+class EditorSettings(msgspec.Struct, frozen=True):
+    """EDITOR_<FIELD> for each field, e.g. EDITOR_MODEL, EDITOR_DEVICES=cuda:0,cuda:1."""
+
+    model: str = EMBEDDED_MODEL  # a model id or folder, "identity", or "embedded-tiny"
+    revision: str = ""  # a branch, tag or commit of the model repository; "" = its default
+    endpoint: str = "ipc:///tmp/editstack/editor.sock"
+    devices: str = "cpu"  # one worker, with its own copy of the model, per listed device
+    dtype: str = "float32"  # float32, bfloat16 or float16
+    steps: int = 4  # default sampling steps (a request may override)
+    guidance: float = 1.0  # default true_cfg_scale; <= 1 disables classifier-free guidance
+    negative_prompt: str = " "  # default; None would silently disable CFG in the Qwen pipelines
+    width: int = 0  # default output size; 0 = the source's, floored to the pipeline's size step
+    height: int = 0
+    condition_max_px: int = 0  # cap on the conditioning image's area; 0 = the pipeline's own (~1024²)
+    tiny_dir: str = "~/.cache/editstack/models/tiny-qwen-image-edit"  # where embedded-tiny is built
+    max_message_bytes: int = Limits.max_message_bytes
+    max_image_px: int = Limits.max_image_px
+    max_batch: int = Limits.max_batch
+
+    @property
+    def device_list(self) -> list[str]:
+        return [d.strip() for d in self.devices.split(",") if d.strip()]
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_message_bytes, self.max_image_px, self.max_batch)

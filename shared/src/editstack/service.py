@@ -1,0 +1,78 @@
+"""What the editor and the scorer services share around their models: settings read from the
+environment, per-item image reading with errors that name the item, and the process entry point.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
+
+import msgspec
+import numpy as np
+
+from editstack.codec import Limits, as_rgb, read_image
+from editstack.errors import EditstackError, ImageError
+from editstack.protocol import ImageRef, ItemError, Status
+from editstack.transport import Server, Worker, serve_forever
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+class SettingsError(EditstackError):
+    """An environment variable has a value its setting cannot take."""
+
+
+class ItemFailure(EditstackError):
+    """One item cannot be served; becomes an ItemError in its result."""
+
+    def __init__(self, code: str, message: str, raw: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.error = ItemError(code=code, message=message, raw=list(raw))
+
+
+def settings_from_env(cls: type[S], prefix: str, environ: Mapping[str, str] | None = None) -> S:
+    """`cls` filled from PREFIX_FIELD variables (FIELD upper-cased), typed and checked by msgspec."""
+    environ = os.environ if environ is None else environ
+    values = {
+        name: environ[f"{prefix}{name.upper()}"]
+        for name in cls.__struct_fields__
+        if f"{prefix}{name.upper()}" in environ
+    }
+    try:
+        return msgspec.convert(values, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        # msgspec names the field as `$.name`; say which variable that is
+        raise SettingsError(f"{prefix}* settings: {exc} (fields map to {prefix}<FIELD> variables)") from exc
+
+
+def read_rgb(item_id: str, field: str, ref: ImageRef | None, blobs: Sequence[memoryview], limits: Limits,
+             notes: list[str]) -> np.ndarray:
+    """The item's image as RGB; a conversion is appended to `notes`; ItemFailure names item and field."""
+    if ref is None:
+        raise ItemFailure("missing_image", f"item {item_id!r} field {field!r}: no image was sent")
+    try:
+        rgb, note = as_rgb(read_image(ref, blobs, limits))
+    except ImageError as exc:
+        raise ItemFailure("bad_image", f"item {item_id!r} field {field!r}: {exc}") from exc
+    if note:
+        notes.append(f"{field}: {note}")
+    return rgb
+
+
+def require_instruction(item_id: str, instruction: str) -> str:
+    if not instruction.strip():
+        raise ItemFailure("bad_instruction", f"item {item_id!r} field 'instruction': empty instruction")
+    return instruction
+
+
+def run_service(endpoint: str, limits: Limits, status: Callable[[Server], Status],
+                loaders: Sequence[Callable[[], Worker]]) -> int:
+    """Configure logging, bind `endpoint`, load the workers in the background and serve until SIGTERM."""
+    logging.basicConfig(level=os.environ.get("EDITSTACK_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server = Server(endpoint, lambda: status(server), limits)
+    return serve_forever(server, loaders)
