@@ -64,20 +64,48 @@ def sockdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def service_python(service: str) -> str:
+    """The python of a service's own venv, as scripts/test exports it (EDITSTACK_<SERVICE>_VENV)."""
+    venv = os.environ.get(f"EDITSTACK_{service.upper()}_VENV")
+    if not venv:
+        message = f"EDITSTACK_{service.upper()}_VENV is not set: run the suite through scripts/test"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return str(Path(venv).resolve() / "bin" / "python")
+
+
 @pytest.fixture
-def start_echo(sockdir: Path, tmp_path: Path) -> Iterator:
-    """Start editstack's echo service as a process: start_echo(*extra_args) -> ServiceProcess (ready)."""
+def start_service(sockdir: Path, tmp_path: Path) -> Iterator:
+    """start_service(name, argv, env=None, wait=True) -> ServiceProcess on ipc://<sockdir>/<name>.sock.
+
+    `argv` may use "{endpoint}"; the endpoint is also passed as <NAME>_ENDPOINT in the environment.
+    Every service started is stopped at the end of the test.
+    """
     started: list[ServiceProcess] = []
 
-    def start(*extra: str, name: str = "echo", wait: bool = True) -> ServiceProcess:
+    def start(name: str, argv: list[str], env: dict[str, str] | None = None, wait: bool = True,
+              timeout_s: float = 120.0) -> ServiceProcess:
         endpoint = f"ipc://{sockdir}/{name}.sock"
-        service = ServiceProcess([sys.executable, "-m", "editstack.echo", endpoint, *extra], endpoint,
+        service = ServiceProcess([a.format(endpoint=endpoint) for a in argv], endpoint,
+                                 env={f"{name.upper()}_ENDPOINT": endpoint, **(env or {})},
                                  log=tmp_path / f"{name}.log").start()
         started.append(service)
         if wait:
-            service.wait_ready(30)
+            service.wait_ready(timeout_s)
         return service
 
     yield start
     for service in started:
         service.stop()
+
+
+@pytest.fixture
+def start_echo(start_service) -> Iterator:
+    """start_echo(*extra_args, name="echo", wait=True) -> a ready echo service process."""
+
+    def start(*extra: str, name: str = "echo", wait: bool = True) -> ServiceProcess:
+        return start_service(name, [sys.executable, "-m", "editstack.echo", "{endpoint}", *extra], wait=wait,
+                             timeout_s=30)
+
+    return start

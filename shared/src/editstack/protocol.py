@@ -108,7 +108,8 @@ class Status(msgspec.Struct, tag="status", tag_field="op", frozen=True):
     device: str
     protocol: str = PROTOCOL_VERSION.decode()
     versions: dict[str, str] = {}
-    workers: int = 1
+    workers: int = 1  # loaded model workers
+    busy: int = 0  # workers handling a request right now
     details: dict[str, str] = {}
     error: str = ""
 

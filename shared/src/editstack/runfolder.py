@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import threading
+from dataclasses import dataclass, field
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,15 @@ log = logging.getLogger(__name__)
 RESULTS_NAME = "results.jsonl"
 
 
+@dataclass
+class JournalContents:
+    """What `Journal.load` read."""
+
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    torn_last_line: bool = False
+
+
 class Journal:
     """results.jsonl: one JSON record per item, keyed by its "id"; thread-safe appends."""
 
@@ -35,22 +45,28 @@ class Journal:
         self.path = path
         self._lock = threading.Lock()
 
-    def load(self) -> dict[str, dict[str, Any]]:
-        """Records by id (a later record of an id wins); a torn last line is dropped with a warning."""
+    def load(self) -> JournalContents:
+        """Records by id (a later record of an id wins). A torn last line is dropped with a warning;
+        any other unreadable line is listed in `problems`."""
+        contents = JournalContents()
         if not self.path.exists():
-            return {}
-        records: dict[str, dict[str, Any]] = {}
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+            return contents
+        # split on b"\n" only: str.splitlines would also split at U+2028 inside a JSON string
+        lines = self.path.read_bytes().split(b"\n")
+        last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                records[record["id"]] = record
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                where = "its last line (torn by a crash)" if number == len(lines) else f"line {number}"
-                log.warning("%s: dropped %s: %s", self.path, where, exc)
-        return records
+                contents.records[record["id"]] = record
+            except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+                if number == last:
+                    contents.torn_last_line = True
+                    log.warning("%s: dropped its last line %d (torn by a crash?): %s", self.path, number, exc)
+                else:
+                    contents.problems.append(f"{self.path.name} line {number}: not a JSON record: {exc}")
+        return contents
 
     def rewrite(self, records: Iterable[dict[str, Any]]) -> None:
         """Replace the journal with exactly `records` (atomically): how resume drops failed items."""

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
 import zmq
 
 from editstack.codec import Blobs, Limits, decode_reply, decode_request, encode
@@ -67,6 +68,8 @@ class Server:
         self._work: queue.Queue[tuple[bytes, Any, list[memoryview]] | None] = queue.Queue()
         self._replies_endpoint = f"inproc://editstack-replies-{id(self)}"
         self._threads: list[threading.Thread] = []
+        self._busy = 0  # read by the main thread for pings; an int store is atomic under the GIL
+        self._busy_lock = threading.Lock()
         self.stopped = threading.Event()
 
     @property
@@ -119,7 +122,7 @@ class Server:
             self._reply(frontend, envelope, ErrorReply(code=exc.code, message=str(exc)))
             return
         if isinstance(request, Ping):
-            self._reply(frontend, envelope, self._status())
+            self._reply(frontend, envelope, msgspec.structs.replace(self._status(), busy=self._busy))
         elif not self._threads:
             self._reply(frontend, envelope, ErrorReply("loading", "the model is still loading", retryable=True))
         elif self._work.qsize() >= self._max_queued:
@@ -137,11 +140,16 @@ class Server:
         try:
             while (job := self._work.get()) is not None:
                 envelope, request, blobs = job
+                with self._busy_lock:
+                    self._busy += 1
                 try:
                     reply, reply_blobs = worker.handle(request, blobs)
                 except Exception as exc:  # a bug or a fatal model error: answer, log, keep serving
                     log.exception("worker failed on a %s request", type(request).__name__)
                     reply, reply_blobs = ErrorReply("internal", f"{type(exc).__name__}: {exc}"), None
+                finally:
+                    with self._busy_lock:
+                        self._busy -= 1
                 replies.send_multipart(envelope + encode(reply, reply_blobs), copy=False)
         finally:
             replies.close(linger=0)
@@ -216,17 +224,20 @@ def _expect(reply: Reply, kind: type, endpoint: str) -> Any:
 
 
 def serve_forever(server: Server, load: Sequence[Callable[[], Worker]], install_signals: bool = True) -> int:
-    """Run `server`, loading each worker in its own thread so ping answers `loading` meanwhile.
+    """Run `server`, loading the workers in a background thread so ping answers `loading` meanwhile.
 
+    Workers load one after another (each serves as soon as it is loaded): model libraries patch
+    global state while loading (accelerate's empty-weights context), so concurrent loads collide.
     Returns the process exit status: 0 after SIGTERM/SIGINT, 1 when a worker failed to load.
     """
     import signal
 
     failed = threading.Event()
 
-    def loader(make: Callable[[], Worker]) -> None:
+    def loader() -> None:
         try:
-            server.add_worker(make())
+            for make in load:
+                server.add_worker(make())
         except Exception:
             log.exception("a worker failed to load; stopping")
             failed.set()
@@ -235,7 +246,6 @@ def serve_forever(server: Server, load: Sequence[Callable[[], Worker]], install_
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: server.stopped.set())
-    for make in load:
-        threading.Thread(target=loader, args=(make,), name="loader", daemon=True).start()
+    threading.Thread(target=loader, name="loader", daemon=True).start()
     server.run()
     return 1 if failed.is_set() else 0

@@ -1,0 +1,506 @@
+"""Run reports, written from a run folder's manifest.json and results.jsonl.
+
+    python -m editstack.report RUN_DIR       rewrite the reports of an existing run folder
+
+Files written into the run folder, each atomically (temp file + rename):
+
+    report.md           run times, dataset, results per category and overall, aggregation rule,
+                        models and versions, failed items, problems found in the journal
+    report.html         the same summary, then a gallery per category (source | edit | instruction |
+                        scores or error); self-contained: thumbnails are data: URIs, no external file
+    summary.csv         one row per category, then an "ALL" row; columns = SUMMARY_COLUMNS
+    summary.json        the same rows as a top-level JSON list of objects (`pandas.read_json` reads it)
+    summary.meta.json   one object about the rows: run times, dataset, models and versions, rubric,
+                        aggregation, mode, journal problems (kept apart so summary.json stays a table)
+
+Counting: an item is the last journal record of its id. Failed items are counted, never averaged
+in: sc_mean, pq_mean and overall_mean are means over scored items only (null/empty when there are
+none), and the "ALL" row averages all scored items, not the category means. Items edited but not
+scored (an edit-only run) count in `items` only.
+
+The journal is append-only, so a crash can tear its last line: an unparseable last line is ignored
+(with a warning). Any other unreadable line is an error: it is logged, listed in the reports, and
+its item is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import datetime as dt
+import html
+import io
+import json
+import logging
+import math
+import statistics
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import msgspec
+from PIL import Image
+
+from editstack.errors import EditstackError
+from editstack.files import write_atomic
+from editstack.protocol import Status
+from editstack.runfolder import RESULTS_NAME, Journal
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+SUMMARY_COLUMNS = ("category", "items", "scored", "failed", "sc_mean", "pq_mean", "overall_mean")
+ALL_CATEGORIES = "ALL"
+THUMBNAIL_PX = 256
+TINY_BANNER = "Scores mean nothing: random-weight tiny models"
+_MESSAGE_CHARS = 200  # failure messages can hold whole tracebacks; tables show their start
+_DASH = "–"
+
+
+class RunFolderError(EditstackError):
+    """The folder is not a readable run folder (no manifest.json, or one that does not parse)."""
+
+
+class ReportPaths(NamedTuple):
+    """The files `write_reports` wrote."""
+
+    markdown: Path
+    html: Path
+    summary_json: Path
+    summary_csv: Path
+    summary_meta: Path
+
+
+# ---- what the run folder holds (decoded with msgspec, so a bad field names its path) -------------
+
+class _Dataset(msgspec.Struct, frozen=True):
+    spec: str
+    items: int
+    problems: list[str] = []
+
+
+class _Rubric(msgspec.Struct, frozen=True):
+    id: str
+    version: str
+
+
+class _EmbeddedTiny(msgspec.Struct, frozen=True):
+    editor: bool = False
+    scorer: bool = False
+
+
+class _Manifest(msgspec.Struct, frozen=True, kw_only=True):
+    editstack_version: str
+    git_commit: str | None = None
+    started_at: str
+    finished_at: str | None = None
+    dataset: _Dataset
+    editors: list[Status] = []
+    scorer: Status | None = None
+    rubric: _Rubric | None = None
+    params: dict[str, Any] = {}
+    embedded_tiny: _EmbeddedTiny = _EmbeddedTiny()
+
+
+class _EditError(msgspec.Struct, frozen=True):
+    code: str
+    message: str
+
+
+class _Edit(msgspec.Struct, frozen=True):
+    status: Literal["ok", "failed", "existing"]
+    path: str | None = None
+    error: _EditError | None = None
+
+
+class _Score(msgspec.Struct, frozen=True):
+    rubric_id: str = ""
+    rubric_version: str = ""
+    mode: str = ""
+    sub_scores: dict[str, float] = {}
+    sc: float | None = None
+    pq: float | None = None
+    overall: float | None = None
+    aggregation: str = ""
+
+
+class _Failure(msgspec.Struct, frozen=True):
+    stage: str
+    code: str
+    message: str
+
+
+class _Record(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    category: str
+    instruction: str
+    language: str | None = None
+    source: str
+    status: Literal["scored", "edited", "failed"]
+    edit: _Edit
+    score: _Score | None = None
+    error: _Failure | None = None
+
+    def __post_init__(self) -> None:
+        # A scored item without finite scores, or a failure without its cause, would put a made-up
+        # number or an unexplained hole in the tables.
+        if self.status == "scored":
+            if self.score is None:
+                raise ValueError("status is 'scored' but score is null")
+            for name in ("sc", "pq", "overall"):
+                value = getattr(self.score, name)
+                if value is None or not math.isfinite(value):
+                    raise ValueError(f"status is 'scored' but score.{name} is {value}")
+        if self.status == "failed" and self.error is None:
+            raise ValueError("status is 'failed' but error is null")
+
+
+# ---- reading and counting ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Row:
+    """One line of the summary table."""
+
+    category: str
+    items: int
+    scored: int
+    failed: int
+    sc_mean: float | None
+    pq_mean: float | None
+    overall_mean: float | None
+
+
+@dataclass(frozen=True)
+class _Run:
+    """A run folder, read: its manifest, one record per item (sorted), and what could not be read."""
+
+    folder: Path
+    manifest: _Manifest
+    records: list[_Record]
+    problems: list[str]
+    torn_last_line: bool
+
+
+def write_reports(run_dir: Path) -> ReportPaths:
+    """Write report.md, report.html, summary.json, summary.csv and summary.meta.json into `run_dir`."""
+    run = _read_run(Path(run_dir))
+    rows = _rows(run.records)
+    paths = ReportPaths(*(run.folder / name for name in
+                          ("report.md", "report.html", "summary.json", "summary.csv", "summary.meta.json")))
+    write_atomic(paths.summary_json, json.dumps([asdict(row) for row in rows], indent=1, ensure_ascii=False) + "\n")
+    write_atomic(paths.summary_csv, _csv(rows))
+    write_atomic(paths.summary_meta, json.dumps(_meta(run), indent=1, ensure_ascii=False) + "\n")
+    write_atomic(paths.markdown, _markdown(run, rows))
+    write_atomic(paths.html, _html(run, rows))
+    log.info("reports of %s written: %d items, %d journal problem(s)", run.folder, len(run.records), len(run.problems))
+    return paths
+
+
+def _read_run(folder: Path) -> _Run:
+    manifest_path = folder / MANIFEST_NAME
+    try:
+        manifest = msgspec.convert(json.loads(manifest_path.read_text(encoding="utf-8")), _Manifest)
+    except FileNotFoundError:
+        raise RunFolderError(f"{manifest_path}: not found (is {folder} a run folder?)") from None
+    except (OSError, ValueError, msgspec.ValidationError) as exc:  # ValueError: JSON and UTF-8 errors
+        raise RunFolderError(f"{manifest_path}: {exc}") from exc
+
+    journal = Journal(folder / RESULTS_NAME).load()
+    by_id: dict[str, _Record] = {}
+    problems = list(journal.problems)
+    for item, data in journal.records.items():
+        try:
+            by_id[item] = msgspec.convert(data, _Record)
+        except msgspec.ValidationError as exc:
+            problems.append(f"{RESULTS_NAME} item {item!r}: {exc}")
+    for problem in problems:
+        log.error("%s: %s", folder, problem)
+    records = sorted(by_id.values(), key=lambda r: (r.category, r.id))
+    return _Run(folder, manifest, records, problems, journal.torn_last_line)
+
+
+def _rows(records: Sequence[_Record]) -> list[_Row]:
+    """A row per category (sorted), then the ALL row over every item."""
+    categories = sorted({r.category for r in records})
+    return [*(_row(c, [r for r in records if r.category == c]) for c in categories), _row(ALL_CATEGORIES, records)]
+
+
+def _row(category: str, records: Sequence[_Record]) -> _Row:
+    scores = _scores(records)
+
+    def mean(name: str) -> float | None:
+        return statistics.fmean(getattr(s, name) for s in scores) if scores else None
+
+    return _Row(category, len(records), len(scores), sum(r.status == "failed" for r in records),
+                mean("sc"), mean("pq"), mean("overall"))
+
+
+def _scores(records: Iterable[_Record]) -> list[_Score]:
+    return [r.score for r in records if r.status == "scored" and r.score is not None]
+
+
+# ---- what every report says about the run ------------------------------------------------------
+
+def _banner(manifest: _Manifest) -> str | None:
+    flags = manifest.embedded_tiny
+    tiny = [role for role, flag in (("editor", flags.editor), ("scorer", flags.scorer)) if flag]
+    if not tiny:
+        return None
+    return f"{TINY_BANNER} (the embedded {' and '.join(tiny)}) produced this run; nothing here measures a real model."
+
+
+def _facts(run: _Run) -> list[tuple[str, str]]:
+    """(label, text) pairs about the run, shown at the top of report.md and report.html."""
+    m = run.manifest
+    scored = _scores(run.records)
+    rubric = _agreement(f"{s.rubric_id} {s.rubric_version}" for s in scored) if scored else (
+        f"{m.rubric.id} {m.rubric.version}" if m.rubric else _DASH)
+    commit = f", git {m.git_commit[:12]}" if m.git_commit else ""
+    facts = [
+        ("Run", f"{m.started_at} → {m.finished_at or 'not finished'}{_duration(m.started_at, m.finished_at)}"),
+        ("editstack", f"{m.editstack_version}{commit}"),
+        ("Dataset", f"{m.dataset.spec}: {m.dataset.items} item(s) selected, {len(run.records)} with a result"
+                    + (f", {len(m.dataset.problems)} skipped by the loader" if m.dataset.problems else "")),
+        ("Aggregation", _agreement(s.aggregation for s in scored) if scored else "no scored items"),
+        ("Rubric", rubric),
+        ("Judge mode", _agreement(s.mode for s in scored) if scored else _DASH),
+    ]
+    params = ", ".join(f"{k} {v}" for k, v in m.params.items() if k != "seed_rule" and v is not None)
+    facts.append(("Edit parameters", params or "service defaults"))
+    for status in m.editors:
+        facts.append(("Editor", _service(status, ("diffusers", "transformers", "torch"))))
+    if m.scorer is not None:
+        facts.append(("Scorer", _service(m.scorer, ("transformers", "torch"))))
+    return facts
+
+
+def _agreement(values: Iterable[str]) -> str:
+    """The one value the records share, or each value with its count when they disagree."""
+    counts = Counter(v or "(none)" for v in values)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "records disagree: " + "; ".join(f"{value} ({n} item(s))" for value, n in counts.most_common())
+
+
+def _service(status: Status, version_names: Sequence[str]) -> str:
+    names = [*version_names, *sorted(status.versions.keys() - set(version_names))]
+    versions = ", ".join(f"{name} {status.versions.get(name, _DASH)}" for name in names)
+    return f"{status.model}@{status.revision or _DASH} on {status.device}, {status.workers} worker(s); {versions}"
+
+
+def _duration(started_at: str, finished_at: str | None) -> str:
+    try:
+        seconds = (dt.datetime.fromisoformat(finished_at) - dt.datetime.fromisoformat(started_at)).total_seconds()
+    except (TypeError, ValueError):  # not finished, or a time that does not parse: no duration to give
+        return ""
+    minutes, secs = divmod(round(seconds), 60)
+    return f" ({minutes // 60}h {minutes % 60:02d}m {secs:02d}s)"
+
+
+def _number(value: float | None) -> str:
+    return _DASH if value is None else f"{value:.2f}"
+
+
+def _short(text: str, limit: int = _MESSAGE_CHARS) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[:limit - 1] + "…"
+
+
+# ---- summary.csv, summary.meta.json ------------------------------------------------------------
+
+def _csv(rows: Sequence[_Row]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(SUMMARY_COLUMNS)
+    for row in rows:
+        writer.writerow(["" if value is None else value for value in asdict(row).values()])
+    return out.getvalue()
+
+
+def _meta(run: _Run) -> dict[str, Any]:
+    m = run.manifest
+    scored = _scores(run.records)
+    return {
+        "run": run.folder.name,
+        "editstack_version": m.editstack_version,
+        "git_commit": m.git_commit,
+        "started_at": m.started_at,
+        "finished_at": m.finished_at,
+        "dataset": msgspec.to_builtins(m.dataset),
+        "embedded_tiny": msgspec.to_builtins(m.embedded_tiny),
+        "rubric": msgspec.to_builtins(m.rubric),
+        # value -> number of scored items; more than one key means the records disagree
+        "aggregation": Counter(s.aggregation for s in scored),
+        "mode": Counter(s.mode for s in scored),
+        "rubric_in_records": Counter(f"{s.rubric_id} {s.rubric_version}" for s in scored),
+        "params": m.params,
+        "editors": msgspec.to_builtins(m.editors),
+        "scorer": msgspec.to_builtins(m.scorer),
+        "journal": {"items": len(run.records), "problems": run.problems, "torn_last_line_ignored": run.torn_last_line},
+    }
+
+
+# ---- report.md ---------------------------------------------------------------------------------
+
+def _markdown(run: _Run, rows: Sequence[_Row]) -> str:
+    lines = [f"# editstack report: {_md(run.folder.name)}", ""]
+    if banner := _banner(run.manifest):
+        lines += [f"> **⚠ {_md(banner)}**", ""]
+    lines += [f"- **{label}**: {_md(text)}" for label, text in _facts(run)]
+    lines += ["", "## Results", "", "| category | items | scored | failed | mean SC | mean PQ | mean overall |",
+              "|---|--:|--:|--:|--:|--:|--:|"]
+    for row in rows:
+        name = f"**{ALL_CATEGORIES}**" if row is rows[-1] else _md(row.category)
+        lines.append(f"| {name} | {row.items} | {row.scored} | {row.failed} | {_number(row.sc_mean)} "
+                     f"| {_number(row.pq_mean)} | {_number(row.overall_mean)} |")
+    lines += ["", _counting_note(rows[-1])]
+    if failures := [(r, r.error) for r in run.records if r.status == "failed" and r.error is not None]:
+        lines += ["", f"## Failed items ({len(failures)})", "", "| item | category | stage | code | message |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {_md(r.id)} | {_md(r.category)} | {_md(e.stage)} | {_md(e.code)} | {_md(_short(e.message))} |"
+                  for r, e in failures]
+    if problems := _problems(run):
+        lines += ["", f"## Problems ({len(problems)})", ""] + [f"- {_md(p)}" for p in problems]
+    return "\n".join(lines) + "\n"
+
+
+def _counting_note(total: _Row) -> str:
+    note = ("Means are over scored items only: failed items are counted, never averaged in. "
+            f"{ALL_CATEGORIES} averages every scored item, not the category means.")
+    edited = total.items - total.scored - total.failed
+    return note + (f" {edited} item(s) were edited but not scored." if edited else "")
+
+
+def _problems(run: _Run) -> list[str]:
+    """Journal lines that could not be read, then the items the dataset loader skipped."""
+    return [*run.problems, *(f"dataset: {p}" for p in run.manifest.dataset.problems)]
+
+
+def _md(text: str) -> str:
+    """Text safe inside a Markdown table cell or list item: one line, pipes escaped."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+# ---- report.html -------------------------------------------------------------------------------
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em auto;max-width:1200px;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}
+th,td{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left;overflow-wrap:anywhere}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+tr.all td{font-weight:bold}
+.banner{background:#b00020;color:#fff;padding:.8em 1em;font-weight:bold;font-size:1.1em;border-radius:4px}
+.ph{width:128px;height:128px;display:flex;align-items:center;justify-content:center;background:#eee;color:#777}
+.gallery td{max-width:320px}
+.scores b{font-size:1.1em}
+.sub{color:#555;font-size:.9em}
+.err{color:#b00020}
+.facts{list-style:none;padding:0}
+"""
+
+
+def _html(run: _Run, rows: Sequence[_Row]) -> str:
+    esc = html.escape
+    title = f"editstack report: {run.folder.name}"
+    parts = [f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+             f"<style>{_CSS}</style></head><body>", f"<h1>{esc(title)}</h1>"]
+    if banner := _banner(run.manifest):
+        parts.append(f'<p class="banner">⚠ {esc(banner)}</p>')
+    parts.append('<ul class="facts">' + "".join(f"<li><b>{esc(label)}</b>: {esc(text)}</li>"
+                                                for label, text in _facts(run)) + "</ul>")
+    parts.append("<table><tr><th>category</th><th>items</th><th>scored</th><th>failed</th>"
+                 "<th>mean SC</th><th>mean PQ</th><th>mean overall</th></tr>")
+    for row in rows:
+        parts.append(f'<tr{" class=all" if row is rows[-1] else ""}><td>{esc(row.category)}</td>'
+                     + "".join(f'<td class="n">{value}</td>' for value in (
+                         row.items, row.scored, row.failed, _number(row.sc_mean), _number(row.pq_mean),
+                         _number(row.overall_mean))) + "</tr>")
+    parts.append(f"</table><p>{esc(_counting_note(rows[-1]))}</p>")
+    if problems := _problems(run):
+        parts.append(f"<h2>Problems ({len(problems)})</h2><ul>" + "".join(f"<li>{esc(p)}</li>" for p in problems) + "</ul>")
+
+    thumbnails: dict[Path, str] = {}  # sources are often shared (one image, several instructions)
+    for row in rows[:-1]:
+        parts.append(f"<h2>{esc(row.category)}</h2><p>{row.items} item(s), {row.scored} scored, {row.failed} failed</p>"
+                     '<table class="gallery"><tr><th>source</th><th>edit</th><th>instruction</th><th>scores</th></tr>')
+        for record in (r for r in run.records if r.category == row.category):
+            edit = run.folder / record.edit.path if record.edit.path else None  # absolute paths stay absolute
+            language = f" <span class=sub>[{esc(record.language)}]</span>" if record.language else ""
+            parts.append(f"<tr><td>{_image_cell(Path(record.source), thumbnails)}</td>"
+                         f"<td>{_image_cell(edit, thumbnails)}</td>"
+                         f"<td><b>{esc(record.id)}</b>{language}<br>{esc(record.instruction)}</td>"
+                         f"<td>{_outcome_cell(record)}</td></tr>")
+        parts.append("</table>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _outcome_cell(record: _Record) -> str:
+    esc = html.escape
+    if record.status == "scored" and record.score is not None:
+        s = record.score
+        subs = " · ".join(f"{esc(name)} {value:.2f}" for name, value in s.sub_scores.items())
+        return (f'<div class="scores">SC <b>{_number(s.sc)}</b> · PQ <b>{_number(s.pq)}</b> · '
+                f'overall <b>{_number(s.overall)}</b></div><div class="sub">{subs}</div>')
+    if record.status == "failed" and record.error is not None:
+        e = record.error
+        return (f'<div class="err">failed at {esc(e.stage)}: {esc(e.code)}</div>'
+                f'<div class="sub">{esc(_short(e.message, 3 * _MESSAGE_CHARS))}</div>')
+    return '<div class="sub">edited, not scored</div>'
+
+
+def _image_cell(path: Path | None, thumbnails: dict[Path, str]) -> str:
+    """A thumbnail as an inline data: URI, or a placeholder saying why there is none."""
+    if path is None:
+        return '<div class="ph">no edit</div>'
+    if path not in thumbnails:
+        thumbnails[path] = _thumbnail(path)
+    return thumbnails[path]
+
+
+def _thumbnail(path: Path) -> str:
+    if not path.is_file():
+        log.warning("report: image %s is missing", path)
+        return '<div class="ph">missing</div>'
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (THUMBNAIL_PX, THUMBNAIL_PX))  # JPEG sources decode at reduced size: fast
+            alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+            thumb = image.convert("RGBA" if alpha else "RGB")
+        thumb.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        # JPEG keeps a gallery of thousands of items small; PNG only where transparency must survive.
+        fmt, options = ("PNG", {}) if alpha else ("JPEG", {"quality": 85})
+        out = io.BytesIO()
+        thumb.save(out, format=fmt, **options)
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, DecompressionBombError... for bad files
+        log.warning("report: image %s is unreadable: %s", path, exc)
+        return '<div class="ph">unreadable</div>'
+    return (f'<img src="data:image/{fmt.lower()};base64,{base64.b64encode(out.getvalue()).decode()}" '
+            f'alt="{html.escape(path.name)}" title="{html.escape(str(path))}">')
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """Rewrite the reports of a run folder; exit 0 when written, 2 when it is not a run folder."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m editstack.report",
+                                     description="Rewrite a run folder's reports from its manifest.json and results.jsonl.")
+    parser.add_argument("run_dir", type=Path, help="a run folder (runs/<name>)")
+    args = parser.parse_args(argv)
+    try:
+        paths = write_reports(args.run_dir)
+    except RunFolderError as exc:
+        print(f"editstack.report: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

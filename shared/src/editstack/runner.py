@@ -1,0 +1,424 @@
+"""The runner: a dataset in, edits and scores pipelined through the services, a run folder out.
+
+    dataset ─► batches ─► edit threads (one per editor worker, all endpoints) ─► edits/…png
+                                     │ bounded queue (back-pressure)
+                                     ▼
+                              score thread ─► scorer ─► results.jsonl ─► reports
+
+Batch k is scored while batch k+1 is edited. A service that stops answering is retried until the
+stage's deadline; then the batch's items are recorded as failed with the cause and the run goes on.
+Resume: items with a complete record are skipped; failed ones are dropped from the journal and
+retried, so every item has exactly one record at the end. A failure never becomes a score.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import numpy as np
+from tqdm import tqdm
+
+import editstack
+from editstack.codec import Blobs, Limits, encode_png, read_image, read_image_file
+from editstack.config import ConfigError, RunConfig, to_yaml
+from editstack.datasets import Item, load_dataset, select
+from editstack.errors import EditstackError, ImageError, RemoteError, ServiceUnavailable
+from editstack.files import write_atomic
+from editstack.protocol import (
+    PROTOCOL_VERSION,
+    EditItem,
+    EditParams,
+    EditRequest,
+    ItemError,
+    ScoreItem,
+    ScoreRequest,
+    Status,
+)
+from editstack.report import write_reports
+from editstack.runfolder import RESULTS_NAME, Journal
+from editstack.transport import Client
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_RETRY_PAUSE_S = 1.0
+_PROGRESS_EVERY_S = 10.0
+
+
+class StageFailure(EditstackError):
+    """A whole batch could not be served (service gone past its deadline, or refused the batch)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.error = ItemError(code=code, message=message)
+
+
+@dataclass
+class Pending:
+    """An edited item on its way to the scorer."""
+
+    item: Item
+    edit: dict[str, Any]
+    source: np.ndarray = field(repr=False)
+    edited: np.ndarray | bytes = field(repr=False)
+
+
+def item_seed(base_seed: int, item_id: str) -> int:
+    """Each item's seed: fixed by the base seed and its id, so a subset or a resume edits it the same."""
+    return (base_seed * 1_000_003 + zlib.crc32(item_id.encode("utf-8"))) % 2**31
+
+
+def run(config: RunConfig) -> int:
+    """Execute a run; returns 0 when every selected item was scored (or edited, with only=edit)."""
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    items, problems = load_dataset(config.dataset, strict=config.strict)
+    for problem in problems:
+        log.error("dataset: %s", problem)
+    try:
+        items = select(items, config.categories or None, config.limit)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+    journal = Journal(run_dir / RESULTS_NAME)
+    earlier = journal.load().records
+    finished = {"edit": {"edited", "scored"}, "score": {"scored"}, None: {"scored"}}[config.only]
+    kept = {i: r for i, r in earlier.items() if r["status"] in finished or i not in {it.id for it in items}}
+    journal.rewrite(kept.values())  # failed records go: their items are retried below
+    todo = [item for item in items if item.id not in kept]
+    log.info("run %s: %d items selected, %d already complete, %d to do", run_dir, len(items),
+             len(items) - len(todo), len(todo))
+
+    editors = [] if config.only == "score" else [_wait_ready(ep, config.editor.deadline_s) for ep in config.editor.endpoints]
+    scorer = None if config.only == "edit" else _wait_ready(config.scorer.endpoint, config.scorer.deadline_s)
+    write_atomic(run_dir / "config.yaml", to_yaml(config))
+    manifest = _manifest(config, editors, scorer, len(items), problems)
+    write_atomic(run_dir / "manifest.json", msgspec.json.format(msgspec.json.encode(manifest)))
+
+    Pipeline(config, run_dir, journal, editors, earlier).run(todo)
+
+    manifest["finished_at"] = _now()
+    final = journal.load().records
+    manifest["counts"] = {status: sum(1 for r in final.values() if r["status"] == status)
+                          for status in ("scored", "edited", "failed")}
+    write_atomic(run_dir / "manifest.json", msgspec.json.format(msgspec.json.encode(manifest)))
+    paths = write_reports(run_dir)
+    failed = [i.id for i in items if final.get(i.id, {}).get("status") not in finished]
+    log.info("run %s finished: %s; %d failed, %d dataset problem(s); report: %s", run_dir, manifest["counts"],
+             len(failed), len(problems), paths.markdown)
+    return 0 if not failed and not problems else 1
+
+
+class Pipeline:
+    """The edit and score stages of one run, as threads joined by a bounded queue."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, journal: Journal, editors: Sequence[Status],
+                 earlier: dict[str, dict[str, Any]]) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.journal = journal
+        self.editors = editors
+        self.earlier = earlier
+        self.limits = Limits()
+        self.to_score: queue.Queue[list[Pending] | None] = queue.Queue(maxsize=max(1, config.queue_batches))
+        self.busy_s = {"edit": 0.0, "score": 0.0}
+        self._busy_lock = threading.Lock()
+
+    def run(self, todo: Sequence[Item]) -> None:
+        ready, to_edit = self._existing_edits(todo)
+        progress = {stage: _Progress(stage, len(to_edit) if stage == "edit" else len(todo), position)
+                    for position, stage in enumerate(("edit", "score"))}
+        self.progress = progress
+        threads = [threading.Thread(target=self._score_loop, name="score", daemon=True)] if self.config.only != "edit" else []
+        batches: queue.Queue[list[Item]] = queue.Queue()
+        size = max(1, self.config.editor.batch_size)
+        for start in range(0, len(to_edit), size):
+            batches.put(list(to_edit[start:start + size]))
+        for status, endpoint in zip(self.editors, self.config.editor.endpoints, strict=True):
+            # one client per service worker keeps every worker of every endpoint busy
+            for n in range(max(1, status.workers)):
+                threads.append(threading.Thread(target=self._edit_loop, args=(endpoint, batches),
+                                                name=f"edit-{endpoint}-{n}", daemon=True))
+        for thread in threads:
+            thread.start()
+        size = max(1, self.config.scorer.batch_size)
+        for start in range(0, len(ready), size):
+            self.to_score.put(ready[start:start + size])
+        for thread in threads:
+            if thread.name != "score":
+                thread.join()
+        if self.config.only != "edit":
+            self.to_score.put(None)
+            threads[0].join()
+        for bar in progress.values():
+            bar.close()
+
+    # ---- edit stage --------------------------------------------------------------------------
+
+    def _existing_edits(self, todo: Sequence[Item]) -> tuple[list[Pending], list[Item]]:
+        """Items whose edit already exists (score-only, or edited by an earlier edit-only run)."""
+        ready, to_edit = [], []
+        for item in todo:
+            path = self._existing_edit_path(item)
+            if path is None:
+                to_edit.append(item)
+                continue
+            edit = {"status": "existing", "path": str(path), "elapsed_s": 0.0, "seed": None, "notes": [], "error": None}
+            try:
+                if not path.is_file():
+                    raise ImageError(f"item {item.id!r} field 'edited': no file {path}")
+                source, note = _load_source(item)
+            except ImageError as exc:
+                edit["error"] = {"code": "missing_image" if "no file" in str(exc) else "bad_image", "message": str(exc)}
+                self._record(item, "failed", edit, None, {"stage": "edit", **edit["error"]})
+                continue
+            edit["notes"] = [note] if note else []
+            ready.append(Pending(item, edit, source, path.read_bytes()))
+        return ready, to_edit
+
+    def _existing_edit_path(self, item: Item) -> Path | None:
+        if self.config.only == "score":
+            root = Path(self.config.edits or "")
+            root = root / "edits" if (root / "edits").is_dir() else root  # a run folder or a plain edits folder
+            return (root / item.category / f"{item.id}.png").resolve()
+        earlier = self.earlier.get(item.id)
+        if earlier and earlier["status"] == "edited" and (self.run_dir / earlier["edit"]["path"]).is_file():
+            return self.run_dir / earlier["edit"]["path"]
+        return None
+
+    def _edit_loop(self, endpoint: str, batches: queue.Queue[list[Item]]) -> None:
+        cfg = self.config.editor
+        with Client(endpoint, timeout_s=cfg.timeout_s, retries=cfg.retries) as client:
+            while True:
+                try:
+                    batch = batches.get_nowait()
+                except queue.Empty:
+                    return
+                pending = self._edit_batch(client, batch)
+                self.progress["edit"].update(len(batch))
+                if pending and self.config.only == "edit":
+                    for p in pending:
+                        self._record(p.item, "edited", p.edit, None, None)
+                elif pending:
+                    self.to_score.put(pending)  # blocks while the scorer is behind: back-pressure
+
+    def _edit_batch(self, client: Client, batch: list[Item]) -> list[Pending]:
+        cfg = self.config.editor
+        blobs, items, sent, notes, sources = Blobs(), [], [], {}, {}
+        for item in batch:
+            seed = item_seed(cfg.seed, item.id)
+            try:
+                array, note = _load_source(item)
+            except ImageError as exc:
+                edit = _edit_part(None, seed, 0.0, [], ItemError("bad_image", str(exc)))
+                self._record(item, "failed", edit, None, {"stage": "edit", **edit["error"]})
+                continue
+            notes[item.id], sources[item.id] = ([note] if note else []), array
+            items.append(EditItem(id=item.id, instruction=item.instruction, image=blobs.add(array), seed=seed,
+                                  width=cfg.width, height=cfg.height))
+            sent.append(item)
+        if not sent:
+            return []
+        request = EditRequest(items, EditParams(steps=cfg.steps, guidance=cfg.guidance, negative_prompt=cfg.negative_prompt))
+        try:
+            reply, received = self._timed("edit", cfg.deadline_s, lambda: client.edit(request, blobs))
+        except StageFailure as exc:
+            for item in sent:
+                edit = _edit_part(None, item_seed(cfg.seed, item.id), 0.0, notes[item.id], exc.error)
+                self._record(item, "failed", edit, None, {"stage": "edit", **edit["error"]})
+            return []
+        pending = []
+        for item, result in zip(sent, reply.items, strict=True):
+            item_notes = notes[item.id] + list(result.notes)
+            seed = item_seed(cfg.seed, item.id)
+            if result.error is not None:
+                edit = _edit_part(None, seed, result.elapsed_s, item_notes, result.error)
+                self._record(item, "failed", edit, None, {"stage": "edit", **edit["error"]})
+                continue
+            edited = read_image(result.image, received, self.limits)
+            path = Path("edits") / item.category / f"{item.id}.png"
+            write_atomic(self.run_dir / path, encode_png(edited))
+            edit = _edit_part(str(path), seed, result.elapsed_s, item_notes, None)
+            pending.append(Pending(item, edit, sources[item.id], edited))
+        return pending
+
+    # ---- score stage -------------------------------------------------------------------------
+
+    def _score_loop(self) -> None:
+        cfg = self.config.scorer
+        with Client(cfg.endpoint, timeout_s=cfg.timeout_s, retries=cfg.retries) as client:
+            while (batch := self.to_score.get()) is not None:
+                for start in range(0, len(batch), max(1, cfg.batch_size)):
+                    chunk = batch[start:start + cfg.batch_size]
+                    self._score_batch(client, chunk)
+                    self.progress["score"].update(len(chunk))
+
+    def _score_batch(self, client: Client, batch: list[Pending]) -> None:
+        cfg = self.config.scorer
+        blobs, items = Blobs(), []
+        for p in batch:
+            items.append(ScoreItem(id=p.item.id, instruction=p.item.instruction, source=blobs.add(p.source),
+                                   edited=blobs.add(p.edited)))
+        request = ScoreRequest(items, mode=cfg.mode, rubric=cfg.rubric)
+        try:
+            reply = self._timed("score", cfg.deadline_s, lambda: client.score(request, blobs))
+        except StageFailure as exc:
+            for p in batch:
+                self._record(p.item, "failed", p.edit, None, {"stage": "score", **msgspec.to_builtins(exc.error)})
+            return
+        for p, result in zip(batch, reply.items, strict=True):
+            score = msgspec.to_builtins(result)
+            score.pop("id")
+            if result.error is not None:
+                self._record(p.item, "failed", p.edit, score, {"stage": "score", **msgspec.to_builtins(result.error)})
+            else:
+                self._record(p.item, "scored", p.edit, score, None)
+
+    # ---- shared ------------------------------------------------------------------------------
+
+    def _timed(self, stage: str, deadline_s: float, call: Callable[[], T]) -> T:
+        """`call` retried while its service is unavailable or loading, until `deadline_s`."""
+        start = time.monotonic()
+        while True:
+            attempt = time.monotonic()
+            try:
+                result = call()
+                with self._busy_lock:
+                    self.busy_s[stage] += time.monotonic() - attempt
+                return result
+            except ServiceUnavailable as exc:
+                error = ("service_unavailable", str(exc))
+            except RemoteError as exc:
+                if not exc.retryable:
+                    raise StageFailure(exc.code, str(exc)) from exc
+                error = (exc.code, str(exc))
+            elapsed = time.monotonic() - start
+            if elapsed + _RETRY_PAUSE_S > deadline_s:
+                raise StageFailure(error[0], f"{error[1]} (gave up after {elapsed:.0f}s, deadline {deadline_s:.0f}s)")
+            log.warning("%s stage: %s; retrying (%.0fs of %.0fs)", stage, error[1], elapsed, deadline_s)
+            time.sleep(_RETRY_PAUSE_S)
+
+    def _record(self, item: Item, status: str, edit: dict[str, Any], score: dict[str, Any] | None,
+                error: dict[str, Any] | None) -> None:
+        self.journal.append({
+            "id": item.id, "category": item.category, "instruction": item.instruction, "language": item.language,
+            "source": str(item.source.resolve()), "status": status, "edit": edit, "score": score, "error": error,
+            "finished_at": _now(),
+        })
+        if status == "failed":
+            stage = error["stage"] if error else "?"
+            log.warning("item %r failed at %s: %s", item.id, stage, error["message"] if error else "")
+
+
+class _Progress:
+    """A progress bar per stage on a terminal; periodic log lines otherwise."""
+
+    def __init__(self, stage: str, total: int, position: int) -> None:
+        self.stage, self.total, self.done = stage, total, 0
+        self.start = self.last_log = time.monotonic()
+        self._lock = threading.Lock()
+        self._bar = tqdm(total=total, desc=stage, unit="item", position=position, leave=True,
+                         disable=not sys.stderr.isatty())
+
+    def update(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+            self._bar.update(n)
+            now = time.monotonic()
+            if self._bar.disable and (now - self.last_log >= _PROGRESS_EVERY_S or self.done >= self.total):
+                self.last_log = now
+                rate = self.done / max(now - self.start, 1e-9)
+                eta = (self.total - self.done) / rate if rate else float("inf")
+                log.info("%s: %d/%d items, %.2f items/s, ETA %.0fs", self.stage, self.done, self.total, rate, eta)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _load_source(item: Item) -> tuple[np.ndarray, str | None]:
+    try:
+        array, note = read_image_file(item.source)
+    except ImageError as exc:
+        raise ImageError(f"item {item.id!r} field 'source': {exc}") from exc
+    return array, f"source: {note}" if note else None
+
+
+def _edit_part(path: str | None, seed: int, elapsed_s: float, notes: list[str], error: ItemError | None) -> dict[str, Any]:
+    return {"status": "failed" if error else "ok", "path": path, "elapsed_s": round(elapsed_s, 4), "seed": seed,
+            "notes": notes, "error": {"code": error.code, "message": error.message} if error else None}
+
+
+def _wait_ready(endpoint: str, deadline_s: float) -> Status:
+    """Ping until ready (bounded by `deadline_s`); refuse a service that speaks another protocol."""
+    start = time.monotonic()
+    with Client(endpoint, timeout_s=5.0, retries=0) as client:
+        while True:
+            try:
+                status = client.ping()
+                if status.protocol != PROTOCOL_VERSION.decode():
+                    raise ConfigError(f"{endpoint} speaks protocol {status.protocol}, this runner {PROTOCOL_VERSION.decode()}")
+                if status.state == "ready":
+                    return status
+                cause = f"{status.service} is {status.state}"
+            except RemoteError as exc:
+                if exc.code == "bad_message":
+                    raise ConfigError(f"{endpoint} refused this runner's ping: {exc.message} (incompatible protocol?)") from exc
+                cause = str(exc)
+            except ServiceUnavailable as exc:
+                cause = str(exc)
+            if time.monotonic() - start > deadline_s:
+                raise ConfigError(f"{endpoint} not ready within {deadline_s:.0f}s: {cause}")
+            log.info("waiting for %s: %s", endpoint, cause)
+            time.sleep(_RETRY_PAUSE_S)
+
+
+def _manifest(config: RunConfig, editors: Sequence[Status], scorer: Status | None, n_items: int,
+              problems: Sequence[Any]) -> dict[str, Any]:
+    editor_info = [msgspec.to_builtins(s) for s in editors]
+    scorer_info = msgspec.to_builtins(scorer) if scorer else None
+    rubric = ({"id": scorer.details.get("rubric_id", ""), "version": scorer.details.get("rubric_version", "")}
+              if scorer else None)
+    return {
+        "editstack_version": editstack.__version__,
+        "git_commit": _git_commit(),
+        "started_at": _now(),
+        "finished_at": None,
+        "dataset": {"spec": config.dataset, "items": n_items, "problems": [str(p) for p in problems]},
+        "config": msgspec.to_builtins(config),
+        "editors": editor_info,
+        "scorer": scorer_info,
+        "rubric": rubric,
+        "params": {"steps": config.editor.steps, "guidance": config.editor.guidance,
+                   "negative_prompt": config.editor.negative_prompt, "seed": config.editor.seed,
+                   "seed_rule": "item seed = (seed * 1000003 + crc32(item id)) mod 2^31"},
+        "embedded_tiny": {"editor": any(s.details.get("embedded_tiny") == "true" for s in editors),
+                          "scorer": bool(scorer and scorer.details.get("embedded_tiny") == "true")},
+    }
+
+
+def _git_commit() -> str | None:
+    if commit := os.environ.get("EDITSTACK_GIT_COMMIT"):
+        return commit
+    try:
+        out = subprocess.run(["git", "-C", str(Path(editstack.__file__).parent), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,151 @@
+"""The editor service, run for real in its own environment (transformers 4.57, diffusers 0.39)
+with the embedded tiny Qwen-Image-Edit model."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from editstack.codec import Blobs, Limits, encode_png, read_image
+from editstack.errors import EditstackError
+from editstack.protocol import EditItem, EditParams, EditRequest, ImageRef
+from editstack.transport import Client
+
+from conftest import service_python
+
+RNG = np.random.default_rng(7)
+SOURCE = RNG.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="session")
+def tiny_editor_dir(tmp_path_factory) -> Path:
+    """The embedded tiny model, built once per session by the editor package's own command."""
+    import subprocess
+
+    folder = tmp_path_factory.mktemp("editor-model") / "tiny"
+    subprocess.run([service_python("editor"), "-m", "editstack_editor.tiny", str(folder)], check=True, timeout=300)
+    return folder
+
+
+@pytest.fixture
+def start_editor(start_service, tiny_editor_dir):
+    def start(wait: bool = True, **env: str):
+        settings = {"EDITOR_TINY_DIR": str(tiny_editor_dir), "EDITOR_CONDITION_MAX_PX": str(64 * 64),
+                    **{f"EDITOR_{k.upper()}": v for k, v in env.items()}}
+        return start_service("editor", [service_python("editor"), "-m", "editstack_editor"], env=settings, wait=wait)
+
+    return start
+
+
+def _edit(client: Client, images: list, seeds: list[int], size: tuple[int, int] | None = (64, 64),
+          instructions: list[str] | None = None, **params):
+    blobs = Blobs()
+    items = [EditItem(id=f"item-{k}", instruction=(instructions or ["make the sky blue"] * len(images))[k],
+                      image=blobs.add(im) if isinstance(im, np.ndarray) else im(blobs), seed=seed,
+                      width=size and size[0], height=size and size[1])
+             for k, (im, seed) in enumerate(zip(images, seeds, strict=True))]
+    reply, received = client.edit(EditRequest(items, EditParams(**params)), blobs)
+    return reply, received
+
+
+def _png(result, received) -> bytes:
+    return encode_png(read_image(result.image, received, Limits()))
+
+
+def test_ping_reports_loading_then_ready_with_model_and_library_versions(start_editor) -> None:
+    service = start_editor(wait=False)
+    states = []
+    deadline = time.monotonic() + 120
+    with Client(service.endpoint, timeout_s=1, retries=0) as client:
+        while time.monotonic() < deadline:
+            try:
+                status = client.ping()
+            except EditstackError:
+                continue
+            states.append(status.state)
+            if status.state == "ready":
+                break
+            time.sleep(0.05)
+    assert states[0] == "loading" and states[-1] == "ready"
+    assert status.service == "editor" and status.model == "embedded-tiny" and status.workers == 1
+    assert status.versions["diffusers"] == "0.39.0" and status.versions["transformers"] == "4.57.6"
+    assert status.details["embedded_tiny"] == "true" and status.details["pipeline_class"] == "QwenImageEditPipeline"
+
+
+def test_batch_edit_gives_requested_size_and_is_deterministic_per_seed(start_editor) -> None:
+    service = start_editor()
+    with Client(service.endpoint, timeout_s=120) as client:
+        reply, received = _edit(client, [SOURCE] * 4, seeds=[1, 1, 2, 3], steps=2)
+        assert [r.error for r in reply.items] == [None] * 4
+        pngs = [_png(r, received) for r in reply.items]
+        assert all(read_image(r.image, received, Limits()).shape == (64, 64, 3) for r in reply.items)
+        assert pngs[0] == pngs[1], "same seed and inputs in one batch gave different bytes"
+        assert len({pngs[0], pngs[2], pngs[3]}) == 3, "different seeds gave the same bytes"
+        again, received_again = _edit(client, [SOURCE], seeds=[1], steps=2)
+        assert _png(again.items[0], received_again) == pngs[0], "the same item alone gave different bytes"
+        other_size, received = _edit(client, [SOURCE], seeds=[1], size=(32, 48), steps=2)
+        assert read_image(other_size.items[0].image, received, Limits()).shape == (48, 32, 3)
+
+
+def test_identity_backend_returns_the_source_bytes_exactly(start_editor) -> None:
+    service = start_editor(model="identity")
+    with Client(service.endpoint, timeout_s=30) as client:
+        assert client.ping().details["embedded_tiny"] == "false"
+        reply, received = _edit(client, [SOURCE], seeds=[0], size=None)
+    assert bytes(received[reply.items[0].image.frame]) == SOURCE.tobytes()
+
+
+def test_each_bad_input_gets_its_item_error_and_the_next_request_succeeds(start_editor) -> None:
+    service = start_editor(max_image_px=str(128 * 128))
+    bad_png = lambda blobs: blobs.add(b"\x89PNG\r\n\x1a\n garbage")  # noqa: E731
+    zero = lambda blobs: (blobs.frames.append(b""), ImageRef(len(blobs.frames) - 1, "raw", (0, 5, 3), "uint8"))[1]  # noqa: E731
+    huge = np.zeros((200, 200, 3), dtype=np.uint8)
+    rgba = np.dstack([SOURCE, np.full(SOURCE.shape[:2], 255, np.uint8)])
+    with Client(service.endpoint, timeout_s=120) as client:
+        reply, received = _edit(client, [bad_png, zero, huge, SOURCE, rgba],
+                                seeds=[0] * 5, instructions=["x", "x", "x", "   ", "make it red"], steps=2)
+        codes = [r.error.code if r.error else None for r in reply.items]
+        assert codes == ["bad_image", "bad_image", "bad_image", "bad_instruction", None]
+        messages = [r.error.message for r in reply.items[:4]]
+        assert "'item-0'" in messages[0] and "unreadable image" in messages[0]
+        assert "'item-1'" in messages[1] and "empty image" in messages[1]
+        assert "'item-2'" in messages[2] and "over the limit" in messages[2]
+        assert "'item-3'" in messages[3] and "empty instruction" in messages[3]
+        assert reply.items[4].notes == ["image: converted RGBA to RGB over white"]
+
+        for params, size, field in (({"steps": 0}, (64, 64), "steps"), ({"guidance": -1.0}, (64, 64), "guidance"),
+                                    ({}, (50, 64), "width")):
+            reply, _ = _edit(client, [SOURCE], seeds=[0], size=size, **params)
+            error = reply.items[0].error
+            assert error.code == "bad_param" and f"'{field}'" in error.message, error
+
+        reply, received = _edit(client, [SOURCE], seeds=[0], steps=2)
+        assert reply.items[0].error is None
+
+
+def test_two_cpu_workers_serve_requests_concurrently(start_editor) -> None:
+    service = start_editor(devices="cpu,cpu")
+    replies: list = []
+
+    def slow_edit() -> None:
+        with Client(service.endpoint, timeout_s=300) as client:
+            replies.append(_edit(client, [SOURCE], seeds=[0], steps=60)[0])
+
+    threads = [threading.Thread(target=slow_edit) for _ in range(2)]
+    with Client(service.endpoint, timeout_s=10) as client:
+        assert client.ping().workers == 2
+        for thread in threads:
+            thread.start()
+        busy = 0
+        deadline = time.monotonic() + 60
+        while busy < 2 and time.monotonic() < deadline and any(t.is_alive() for t in threads):
+            busy = max(busy, client.ping().busy)
+            time.sleep(0.02)
+    for thread in threads:
+        thread.join(300)
+    assert busy == 2, "the two requests were never in flight on both workers at once"
+    assert [r.items[0].error for r in replies] == [None, None]

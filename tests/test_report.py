@@ -1,0 +1,256 @@
+"""Run reports: the tables' numbers, the tiny-model banner, a self-contained gallery, pandas-readable
+summaries, and a journal whose last line a crash tore."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from editstack.report import TINY_BANNER, RunFolderError, write_reports
+
+AGGREGATION = "overall = sqrt(sc * pq)"
+LONG_MESSAGE = "judge reply did not parse: " + "x" * 1000
+
+
+def _status(service: str, model: str, versions: dict[str, str]) -> dict[str, Any]:
+    return {"op": "status", "service": service, "state": "ready", "model": model, "revision": "abc123",
+            "device": "cpu", "protocol": "editstack/1", "versions": versions, "workers": 1, "details": {}, "error": ""}
+
+
+def _record(item_id: str, category: str, status: str, *, sc: float | None = None, pq: float | None = None,
+            error: tuple[str, str, str] | None = None, edit_path: str | None = None,
+            aggregation: str = AGGREGATION, source: Path) -> dict[str, Any]:
+    """A results.jsonl record shaped like the runner's: scored (sc, pq) or failed at a stage (error)."""
+    stage, code, message = error or (None, None, None)
+    edit_failed = stage == "edit"
+    score = None
+    if sc is not None and pq is not None:
+        score = {"rubric_id": "viescore", "rubric_version": "1", "mode": "logits",
+                 "sub_scores": {"follows": sc, "natural": pq},
+                 "sc": sc, "pq": pq, "overall": math.sqrt(sc * pq), "aggregation": aggregation, "score_mass": {},
+                 "raw_distributions": {}, "raw_text": [], "attempts": 1, "elapsed_s": 0.1, "notes": []}
+    elif stage == "score":  # the scorer's item error comes back as a score without numbers
+        score = {"rubric_id": "viescore", "rubric_version": "1", "mode": "logits", "sub_scores": {}, "sc": None,
+                 "pq": None, "overall": None, "aggregation": "", "error": {"code": code, "message": message, "raw": []}}
+    return {
+        "id": item_id, "category": category, "language": "en",
+        "instruction": f"edit {item_id} <nicely> & well\u2028(line separator)",
+        "source": str(source), "status": status,
+        "edit": {"status": "failed" if edit_failed else "ok",
+                 "path": None if edit_failed else (edit_path or f"edits/{category}/{item_id}.png"),
+                 "elapsed_s": 0.5, "seed": 7, "notes": [],
+                 "error": {"code": code, "message": message} if edit_failed else None},
+        "score": score,
+        "error": {"stage": stage, "code": code, "message": message} if stage else None,
+        "finished_at": "2025-01-01T00:10:00+00:00",
+    }
+
+
+def _fake_run(root: Path, *, tiny_editor: bool = False, tiny_scorer: bool = False,
+              extra_lines: list[str] | None = None) -> Path:
+    """A fake run folder for testing the report: three categories, scored and failed items, a
+    superseded record, a missing edit file and a results.jsonl whose last line a crash tore; every
+    instruction holds a raw U+2028, as json.dumps(ensure_ascii=False) writes it.
+
+        color  c1 scored (4, 6)   c2 scored (8, 10)   c3 failed at score
+        style  s1 failed at edit
+        zoom   z1 scored (2, 4), its edit file missing   z2 failed, then scored (10, 10)
+
+    `extra_lines` go into the journal before the torn line.
+    """
+    run = root / "run"
+    source = root / "data" / "wide.png"
+    source.parent.mkdir(parents=True)
+    Image.new("RGB", (600, 300), (200, 40, 40)).save(source)
+    for category, item_id in (("color", "c1"), ("color", "c2"), ("color", "c3"), ("zoom", "z2")):
+        path = run / "edits" / category / f"{item_id}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (300, 600), (40, 40, 200)).save(path)
+    manifest = {
+        "editstack_version": "0.1.0", "git_commit": "0123456789abcdef", "started_at": "2025-01-01T00:00:00+00:00",
+        "finished_at": "2025-01-01T01:02:03+00:00", "dataset": {"spec": "sample", "items": 6, "problems": []},
+        "config": {"dataset": "sample"},
+        "editors": [_status("editor", "Qwen/Qwen-Image-Edit",
+                            {"diffusers": "0.35.1", "transformers": "4.57.1", "torch": "2.8.0"})],
+        "scorer": _status("scorer", "Qwen/Qwen3-VL-8B-Instruct", {"transformers": "5.0.0", "torch": "2.8.0"}),
+        "rubric": {"id": "viescore", "version": "1"},
+        "params": {"steps": 4, "guidance": None, "negative_prompt": None, "seed": 0},
+        "embedded_tiny": {"editor": tiny_editor, "scorer": tiny_scorer},
+    }
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    records = [
+        _record("c1", "color", "scored", sc=4, pq=6, source=source),
+        _record("z2", "zoom", "failed", error=("edit", "service_unavailable", "editor gone"), source=source),
+        _record("c2", "color", "scored", sc=8, pq=10, source=source),
+        _record("c3", "color", "failed", error=("score", "bad_reply", LONG_MESSAGE), source=source),
+        _record("s1", "style", "failed", error=("edit", "bad_image", "item 's1' field 'source': unreadable"), source=source),
+        _record("z1", "zoom", "scored", sc=2, pq=4, source=source),
+        _record("z2", "zoom", "scored", sc=10, pq=10, source=source),  # the retry: replaces the failure above
+    ]
+    # ensure_ascii=False as the runner writes: U+2028 stays raw inside a line
+    lines = [json.dumps(r, ensure_ascii=False) for r in records] + (extra_lines or [])
+    torn = json.dumps(_record("z3", "zoom", "scored", sc=1, pq=1, source=source))[:40]
+    (run / "results.jsonl").write_text("\n".join(lines) + "\n" + torn)
+    return run
+
+
+def _summary(run: Path) -> dict[str, dict[str, Any]]:
+    return {row["category"]: row for row in json.loads((run / "summary.json").read_text())}
+
+
+def test_summary_counts_failures_and_averages_scored_items_only(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path)
+    write_reports(run)
+    rows = _summary(run)
+    assert list(rows) == ["color", "style", "zoom", "ALL"]
+    assert rows["color"] == {"category": "color", "items": 3, "scored": 2, "failed": 1, "sc_mean": 6.0, "pq_mean": 8.0,
+                             "overall_mean": pytest.approx((math.sqrt(24) + math.sqrt(80)) / 2)}
+    assert rows["style"] == {"category": "style", "items": 1, "scored": 0, "failed": 1,
+                             "sc_mean": None, "pq_mean": None, "overall_mean": None}
+    # z2's later record (scored) replaces its earlier failure; the torn z3 line is not an item
+    assert (rows["zoom"]["items"], rows["zoom"]["scored"], rows["zoom"]["failed"]) == (2, 2, 0)
+    total = rows["ALL"]
+    assert (total["items"], total["scored"], total["failed"]) == (6, 4, 2)
+    assert total["sc_mean"] == pytest.approx((4 + 8 + 2 + 10) / 4)
+    assert total["pq_mean"] == pytest.approx((6 + 10 + 4 + 10) / 4)
+    assert total["overall_mean"] == pytest.approx((math.sqrt(24) + math.sqrt(80) + math.sqrt(8) + 10) / 4)
+
+
+def test_markdown_report_tables_models_and_failed_items(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path)
+    text = write_reports(run).markdown.read_text()
+    overall_color = (math.sqrt(24) + math.sqrt(80)) / 2
+    assert f"| color | 3 | 2 | 1 | 6.00 | 8.00 | {overall_color:.2f} |" in text
+    assert "| style | 1 | 0 | 1 | – | – | – |" in text
+    assert "| **ALL** | 6 | 4 | 2 | 6.00 | 7.50 |" in text
+    assert f"**Aggregation**: {AGGREGATION}" in text
+    assert "Qwen/Qwen-Image-Edit@abc123 on cpu" in text and "diffusers 0.35.1, transformers 4.57.1, torch 2.8.0" in text
+    assert "Qwen/Qwen3-VL-8B-Instruct@abc123" in text and "transformers 5.0.0" in text
+    assert "**Rubric**: viescore 1" in text and "**Judge mode**: logits" in text
+    assert "(1h 02m 03s)" in text
+    failed = text.split("## Failed items (2)")[1]
+    assert "| s1 | style | edit | bad_image |" in failed
+    assert "| c3 | color | score | bad_reply | judge reply did not parse: xxx" in failed
+    assert "x" * 300 not in failed, "a long failure message is cut"
+    assert "z2" not in failed, "a retried item that then scored is not a failure"
+    assert TINY_BANNER not in text
+
+
+def test_records_that_disagree_on_the_aggregation_rule_are_reported(tmp_path: Path) -> None:
+    other = _record("s2", "style", "scored", sc=5, pq=5, aggregation="overall = min(sc, pq)", source=tmp_path / "x.png")
+    run = _fake_run(tmp_path, extra_lines=[json.dumps(other)])
+    text = write_reports(run).markdown.read_text()
+    assert f"**Aggregation**: records disagree: {AGGREGATION} (4 item(s)); overall = min(sc, pq) (1 item(s))" in text
+    meta = json.loads((run / "summary.meta.json").read_text())
+    assert meta["aggregation"] == {AGGREGATION: 4, "overall = min(sc, pq)": 1}
+
+
+@pytest.mark.parametrize(("tiny_editor", "tiny_scorer"), [(False, False), (True, False), (False, True), (True, True)])
+def test_banner_appears_only_when_embedded_tiny_models_produced_the_run(tmp_path: Path, tiny_editor: bool,
+                                                                       tiny_scorer: bool) -> None:
+    paths = write_reports(_fake_run(tmp_path, tiny_editor=tiny_editor, tiny_scorer=tiny_scorer))
+    for path in (paths.markdown, paths.html):
+        text = path.read_text()
+        assert (TINY_BANNER in text) == (tiny_editor or tiny_scorer), path.name
+        if tiny_editor or tiny_scorer:
+            assert text.index(TINY_BANNER) < text.index("mean SC"), "the banner comes before any result"
+    assert json.loads(paths.summary_meta.read_text())["embedded_tiny"] == {"editor": tiny_editor, "scorer": tiny_scorer}
+
+
+def test_html_gallery_is_self_contained_with_thumbnails_and_a_placeholder_for_a_missing_edit(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path)
+    page = write_reports(run).html.read_text()
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert sources and all(s.startswith("data:image/") for s in sources)
+    text = re.sub(r'src="data:[^"]*"', "", page)  # base64 could spell anything
+    assert "http" not in text and "href=" not in text and "url(" not in text
+    # 6 items: 6 sources; edits of c1, c2, c3, z2 exist, s1 failed before editing, z1's file is missing
+    assert len(sources) == 6 + 4
+    assert page.count('<div class="ph">missing</div>') == 1
+    assert page.count('<div class="ph">no edit</div>') == 1
+    for uri in set(sources):
+        with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as thumb:
+            assert max(thumb.size) == 256 and {thumb.size} <= {(256, 128), (128, 256)}
+    assert "edit c1 &lt;nicely&gt; &amp; well" in page, "text is escaped"
+    assert "failed at score: bad_reply" in page and "SC <b>4.00</b> · PQ <b>6.00</b>" in page
+    assert page.index("<h2>color</h2>") < page.index("<h2>style</h2>") < page.index("<h2>zoom</h2>")
+    assert page.index("mean overall") < page.index("<h2>color</h2>"), "the summary table comes first"
+
+
+def test_torn_last_line_is_ignored_but_a_bad_middle_line_is_reported(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path, extra_lines=['{"id": "broken", "categ'])
+    paths = write_reports(run)
+    assert _summary(run)["ALL"]["items"] == 6
+    meta = json.loads(paths.summary_meta.read_text())
+    assert meta["journal"]["torn_last_line_ignored"] is True
+    [problem] = meta["journal"]["problems"]
+    assert problem.startswith("results.jsonl line 8: not a JSON record")
+    assert "## Problems (1)" in paths.markdown.read_text()
+    assert "results.jsonl line 8" in paths.html.read_text()
+
+
+def test_scored_record_without_a_score_is_a_problem_never_a_number(tmp_path: Path) -> None:
+    bad = _record("c9", "color", "scored", source=tmp_path / "x.png")  # status scored, score null
+    run = _fake_run(tmp_path, extra_lines=[json.dumps(bad)])
+    write_reports(run)
+    assert _summary(run)["color"]["items"] == 3
+    [problem] = json.loads((run / "summary.meta.json").read_text())["journal"]["problems"]
+    assert "item 'c9'" in problem and "score is null" in problem
+
+
+def test_summary_files_read_with_pandas_as_they_are(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas", reason="pandas is not installed in this test environment")
+    run = _fake_run(tmp_path)
+    paths = write_reports(run)
+    for frame in (pd.read_csv(paths.summary_csv), pd.read_json(paths.summary_json)):
+        assert list(frame.columns) == ["category", "items", "scored", "failed", "sc_mean", "pq_mean", "overall_mean"]
+        assert list(frame["category"]) == ["color", "style", "zoom", "ALL"]
+        assert list(frame["failed"]) == [1, 1, 0, 2]
+        assert frame["sc_mean"].iloc[0] == pytest.approx(6.0)
+        assert pd.isna(frame["sc_mean"].iloc[1]), "no scored items: no mean"
+
+
+def test_reports_are_written_atomically_and_rewritten_identically(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path)
+    paths = write_reports(run)
+    first = {path.name: path.read_bytes() for path in paths}
+    assert set(first) == {"report.md", "report.html", "summary.json", "summary.csv", "summary.meta.json"}
+    write_reports(run)
+    assert {path.name: path.read_bytes() for path in paths} == first
+    leftovers = [p.name for p in run.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_command_rewrites_the_reports_of_a_run_folder(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "editstack.report", str(run)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (run / "report.html").is_file() and str(run / "report.md") in done.stdout
+    refused = subprocess.run([sys.executable, "-m", "editstack.report", str(tmp_path / "data")],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "manifest.json: not found" in refused.stderr
+
+
+def test_folder_without_a_manifest_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RunFolderError, match="manifest.json: not found"):
+        write_reports(tmp_path)
+
+
+def test_items_edited_but_not_scored_count_in_items_only(tmp_path: Path) -> None:
+    edited = _record("c4", "color", "edited", source=tmp_path / "x.png")
+    run = _fake_run(tmp_path, extra_lines=[json.dumps(edited)])
+    paths = write_reports(run)
+    color = _summary(run)["color"]
+    assert (color["items"], color["scored"], color["failed"], color["sc_mean"]) == (4, 2, 1, 6.0)
+    assert "1 item(s) were edited but not scored" in paths.markdown.read_text()
+    assert "edited, not scored" in paths.html.read_text()
