@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -35,6 +36,7 @@ from editstack_scorer.rubric import (
     SCORE_MAX,
     InvalidJob,
     JudgeModelError,
+    Question,
     Rubric,
     ScoreError,
     ScoreResult,
@@ -95,7 +97,11 @@ class Judge:
         self.load_s = time.monotonic() - start
         log.info(
             "judge %s (revision %s) loaded on %s as %s in %.2f s%s",
-            model, revision, self.model.device, self.model.dtype, self.load_s,
+            model,
+            revision,
+            self.model.device,
+            self.model.dtype,
+            self.load_s,
             " (embedded tiny model: scores mean nothing)" if self.embedded_tiny else "",
         )
 
@@ -104,7 +110,11 @@ class Judge:
         return {"torch": torch.__version__, "transformers": transformers.__version__}
 
     def score(self, jobs: list[ScoreJob], mode: str, rubric: Rubric) -> list[ScoreResult | Exception]:
-        """Score each job with `rubric` in `mode`: one ScoreResult or ScoreError per job, in order."""
+        """Score each job with `rubric` in `mode`: one ScoreResult or ScoreError per job, in order.
+
+        Raises ValueError only for the whole call: an unknown mode, or logits mode with a tokenizer
+        whose digits are not single tokens.
+        """
         if mode not in MODES:
             raise ValueError(f"unknown scoring mode {mode!r}; known modes: {', '.join(MODES)}")
         outcomes: dict[int, ScoreResult | ScoreError] = {}
@@ -123,29 +133,25 @@ class Judge:
 
     # ---- logits mode -------------------------------------------------------------------------
 
-    def _score_logits(self, jobs: list[ScoreJob], live: list[int], rubric: Rubric) -> dict[int, ScoreResult | ScoreError]:
+    def _score_logits(
+        self, jobs: list[ScoreJob], live: list[int], rubric: Rubric
+    ) -> dict[int, ScoreResult | ScoreError]:
         digit_ids = self._digit_token_ids()
         failed: dict[int, ScoreError] = {}
         dists: dict[int, dict[str, list[float | str]]] = {i: {} for i in live}
         masses: dict[int, dict[str, float]] = {i: {} for i in live}
         for question in rubric.questions:
-            images = rubric.groups[question.group].images
             todo = [i for i in live if i not in failed]
-
-            def answer(indices: list[int]) -> list[tuple[list[float], float]]:
-                prompts = [
-                    self._prompt(rubric, images, jobs[i], rubric.question_prompt(question, jobs[i].instruction))
-                    for i in indices
-                ]
-                return self._answer_distributions(prompts, digit_ids)
-
-            for i, out in zip(todo, self._each(answer, todo)):
+            answer = partial(self._answer_distributions, jobs, rubric, question, digit_ids)
+            for i, out in zip(todo, self._each(answer, todo), strict=True):
                 if isinstance(out, ScoreError):
                     failed[i] = out
-                elif not out[1] > 0:
+                    continue
+                dist, mass = out
+                if not mass > 0:  # underflow (or NaN): there is nothing to renormalise
                     failed[i] = ScoreError(f"judge put no probability on the answers 0..10 for {question.name!r}")
-                else:
-                    dists[i][question.name], masses[i][question.name] = out
+                    continue
+                dists[i][question.name], masses[i][question.name] = dist, mass
         results: dict[int, ScoreResult | ScoreError] = dict(failed)
         for i in live:
             if i in failed:
@@ -169,14 +175,23 @@ class Judge:
             )
         return [t[0] for t in ids[:10]]
 
-    def _answer_distributions(self, prompts: list[_Prompt], digit_ids: list[int]) -> list[tuple[list[float], float]]:
-        """Per prompt: the renormalised probabilities of the answers 0..10, and their mass before renormalising.
+    def _answer_distributions(
+        self, jobs: list[ScoreJob], rubric: Rubric, question: Question, digit_ids: list[int], indices: list[int]
+    ) -> list[tuple[list[float], float]]:
+        """Per job: the renormalised probabilities of the answers 0..10 to `question`, and their prior mass.
 
         "10" is two tokens, so P(10) = P("1") * P("0" | "1") and P(1) = P("1") * (1 - P("0" | "1")).
         One pass serves both factors: "1" is appended to every prompt, and causal attention makes the
         logits before it exactly those of the prompt alone (a separate second pass would repeat them).
         """
-        inputs = self._encode([(text + "1", images) for text, images in prompts])
+        images = rubric.groups[question.group].images
+        prompts = [
+            self._prompt(
+                rubric, images, jobs[i], rubric.question_prompt(question, jobs[i].instruction), answer_start="1"
+            )
+            for i in indices
+        ]
+        inputs = self._encode(prompts)
         if not bool((inputs["input_ids"][:, -1] == digit_ids[1]).all()):
             raise RuntimeError("the tokenizer merged the appended '1' into the prompt's last token")
         with torch.inference_mode():
@@ -188,11 +203,13 @@ class Judge:
         answers = torch.cat([first[:, :1], one[:, None], first[:, 2:], ten[:, None]], dim=1)
         mass = answers.sum(dim=1)
         dists = answers / mass[:, None]
-        return [(dist.tolist(), float(m)) for dist, m in zip(dists.cpu(), mass.cpu())]
+        return [(dist.tolist(), float(m)) for dist, m in zip(dists.cpu(), mass.cpu(), strict=True)]
 
     # ---- generate mode -----------------------------------------------------------------------
 
-    def _score_generate(self, jobs: list[ScoreJob], live: list[int], rubric: Rubric) -> dict[int, ScoreResult | ScoreError]:
+    def _score_generate(
+        self, jobs: list[ScoreJob], live: list[int], rubric: Rubric
+    ) -> dict[int, ScoreResult | ScoreError]:
         failed: dict[int, ScoreError] = {}
         replies: dict[int, dict[str, list[float | str]]] = {i: {g: [] for g in GROUPS} for i in live}
         reasons: dict[int, list[str]] = {i: [] for i in live}
@@ -200,24 +217,16 @@ class Judge:
         attempts = 1 + self.generate_retries
         for group in GROUPS:
             keys = rubric.sub_scores(group)
-            images = rubric.groups[group].images
             pending = [i for i in live if i not in failed]
             for attempt in range(attempts):
                 if not pending:
                     break
-
-                def reply(indices: list[int], attempt: int = attempt) -> list[str]:
-                    prompts = [
-                        self._prompt(rubric, images, jobs[i], rubric.group_prompt(group, jobs[i].instruction))
-                        for i in indices
-                    ]
-                    return self._generate(prompts, attempt)
-
+                reply = partial(self._generate, jobs, rubric, group, attempt)
                 # the greedy first attempt runs as a batch; sampled retries run one job at a time, so
                 # a job's retry replies do not depend on which other jobs shared its batch
                 outs = self._each(reply, pending) if attempt == 0 else [self._each(reply, [i])[0] for i in pending]
                 still_pending = []
-                for i, out in zip(pending, outs):
+                for i, out in zip(pending, outs, strict=True):
                     if isinstance(out, ScoreError):
                         failed[i] = out
                         continue
@@ -245,8 +254,14 @@ class Judge:
                 )
         return results
 
-    def _generate(self, prompts: list[_Prompt], attempt: int) -> list[str]:
-        """Reply texts: greedy on the first attempt, seeded sampling on retries."""
+    def _generate(
+        self, jobs: list[ScoreJob], rubric: Rubric, group: str, attempt: int, indices: list[int]
+    ) -> list[str]:
+        """Per job: the reply text to `group`'s prompt; greedy on the first attempt, seeded sampling on retries."""
+        images = rubric.groups[group].images
+        prompts = [
+            self._prompt(rubric, images, jobs[i], rubric.group_prompt(group, jobs[i].instruction)) for i in indices
+        ]
         inputs = self._encode(prompts)
         options: dict[str, object] = {"do_sample": False}
         if attempt > 0:
@@ -264,14 +279,17 @@ class Judge:
 
     # ---- shared ------------------------------------------------------------------------------
 
-    def _prompt(self, rubric: Rubric, images: Sequence[str], job: ScoreJob, text: str) -> _Prompt:
+    def _prompt(
+        self, rubric: Rubric, images: Sequence[str], job: ScoreJob, text: str, answer_start: str = ""
+    ) -> _Prompt:
+        """The chat-formatted prompt showing `images` of `job` and asking `text`; `answer_start` begins the reply."""
         shown = [job.source if name == "source" else job.edited for name in images]
         messages = [
             {"role": "system", "content": rubric.system},
             {"role": "user", "content": [{"type": "image"} for _ in shown] + [{"type": "text", "text": text}]},
         ]
         chat = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return chat, shown
+        return chat + answer_start, shown
 
     def _encode(self, prompts: list[_Prompt]) -> transformers.BatchFeature:
         texts = [text for text, _ in prompts]

@@ -18,7 +18,7 @@ Torch-free: the unit tests run it without the model stack.
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from functools import cache
 from typing import Annotated
 
 import msgspec
@@ -58,7 +58,7 @@ def parse_reply(text: str, keys: tuple[str, ...]) -> dict[str, float]:
     return {key: getattr(reply, key) for key in keys}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _schema(keys: tuple[str, ...]) -> type[msgspec.Struct]:
     """A Struct type requiring each key as a 0-10 number; a rubric has few groups, so these are cached."""
     return msgspec.defstruct("JudgeReply", [(key, _Score) for key in keys])

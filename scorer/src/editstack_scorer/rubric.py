@@ -18,7 +18,7 @@ Torch-free, so the service's settings and tests import it without the model stac
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from string import Template
 from typing import Literal
@@ -124,9 +124,11 @@ class Rubric(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return f"{groups}; overall = sqrt(sc * pq)"
 
     def question_prompt(self, question: Question, instruction: str) -> str:
+        """`question`'s logits-mode prompt for `instruction`."""
         return Template(question.prompt).substitute(instruction=instruction)
 
     def group_prompt(self, group: str, instruction: str) -> str:
+        """`group`'s generate-mode prompt for `instruction`."""
         return Template(self.groups[group].prompt).substitute(instruction=instruction)
 
     def result(
@@ -167,7 +169,7 @@ def known_rubrics() -> list[str]:
     return sorted(f.name.removesuffix(".txt") for f in folder.iterdir() if f.name.endswith(".txt"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_rubric(rubric_id: str) -> Rubric:
     """Read and check the shipped rubric `rubric_id`; raises UnknownRubricError naming the known ones."""
     known = known_rubrics()

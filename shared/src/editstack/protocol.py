@@ -133,6 +133,8 @@ class ScoreResult(msgspec.Struct, frozen=True):
 
     sub_scores are 0–10; sc, pq and overall follow the rule written in `aggregation`.
     score_mass (logits mode) is the probability the judge put on score tokens, per question.
+    raw is the judge's own output: logits mode, per question the probabilities of the answers
+    0..10; generate mode, per question group the reply text of every attempt.
     """
 
     id: str
@@ -146,8 +148,7 @@ class ScoreResult(msgspec.Struct, frozen=True):
     overall: float | None = None
     aggregation: str = ""
     score_mass: dict[str, float] = {}
-    raw_distributions: dict[str, list[float]] = {}
-    raw_text: list[str] = []
+    raw: dict[str, list[float | str]] = {}
     attempts: int = 0
     elapsed_s: float = 0.0
     notes: list[str] = []

@@ -4,8 +4,11 @@ environment, per-item image reading with errors that name the item, and the proc
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from importlib import metadata
+from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
@@ -15,6 +18,7 @@ import numpy as np
 from editstack.codec import Limits, as_rgb, read_image
 from editstack.errors import EditstackError, ImageError
 from editstack.protocol import ImageRef, ItemError, Status
+from editstack.tinymodels import TINY_MARKER
 from editstack.transport import Server, Worker, serve_forever
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,37 @@ def require_instruction(item_id: str, instruction: str) -> str:
     if not instruction.strip():
         raise ItemFailure("bad_instruction", f"item {item_id!r} field 'instruction': empty instruction")
     return instruction
+
+
+def package_versions(*packages: str) -> dict[str, str]:
+    """Installed versions of editstack and `packages`, read without importing them (ping answers
+    while the model library is still being imported)."""
+    import editstack
+
+    versions = {"editstack": editstack.__version__}
+    for package in packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def embedded_model(folder: str, build: Callable[[Path], Path]) -> str:
+    """The embedded tiny model's folder, built by `build` on first use."""
+    path = Path(folder).expanduser()
+    if not (path / TINY_MARKER).is_file():
+        log.info("building the embedded tiny model in %s", path)
+    return str(build(path))
+
+
+def tiny_details(folder: str) -> dict[str, str]:
+    """What the embedded tiny model's marker file says, as ping details (empty before it is built)."""
+    marker = Path(folder).expanduser() / TINY_MARKER
+    if not marker.is_file():
+        return {}
+    info = json.loads(marker.read_text(encoding="utf-8"))
+    return {key: str(value) for key, value in info.items() if isinstance(value, str | int | bool)}
 
 
 def run_service(endpoint: str, limits: Limits, status: Callable[[Server], Status],

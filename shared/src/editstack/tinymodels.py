@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# the builders write this file into a tiny model's folder: what it produces means nothing
+TINY_MARKER = "editstack_tiny.json"
+
 # Qwen2/2.5/3 pre-tokenizer split: digits split one by one, so "10" is the two tokens "1", "0".
 QWEN_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"

@@ -1,0 +1,34 @@
+"""The scorer's settings: one typed object read from SCORER_* environment variables."""
+
+from __future__ import annotations
+
+import msgspec
+
+from editstack.codec import Limits
+
+from editstack_scorer.rubric import DEFAULT_RUBRIC
+
+EMBEDDED_MODEL = "embedded-tiny"
+
+
+class ScorerSettings(msgspec.Struct, frozen=True):
+    """SCORER_<FIELD> for each field, e.g. SCORER_MODEL=Qwen/Qwen3-VL-8B-Instruct, SCORER_DEVICE=cuda:0."""
+
+    model: str = EMBEDDED_MODEL  # a model id or folder, or "embedded-tiny"
+    revision: str = ""  # a branch, tag or commit of the model repository; "" = its default
+    endpoint: str = "ipc:///tmp/editstack/scorer.sock"
+    device: str = "cpu"
+    dtype: str = "float32"  # float32, bfloat16, float16 or auto
+    mode: str = "logits"  # default scoring mode: logits or generate (a request may override)
+    rubric: str = DEFAULT_RUBRIC  # default rubric id (a request may override)
+    batch_size: int = 4  # items per forward pass
+    max_new_tokens: int = 256  # generate mode: the reply's length limit
+    generate_retries: int = 2  # generate mode: extra attempts after an unparseable reply
+    tiny_dir: str = "~/.cache/editstack/models/tiny-qwen3-vl"  # where embedded-tiny is built
+    max_message_bytes: int = Limits.max_message_bytes
+    max_image_px: int = Limits.max_image_px
+    max_batch: int = Limits.max_batch
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_message_bytes, self.max_image_px, self.max_batch)

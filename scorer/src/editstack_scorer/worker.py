@@ -1,0 +1,95 @@
+"""The scorer's worker: turns a score request into judge jobs and the verdicts into a reply.
+
+Inputs are checked per item here, with errors naming the item, the field and the value; a
+verdict is copied from the judge as it came, and a failure is never turned into a number.
+Torch-free: the judge lives in `judge`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import PIL.Image
+
+from editstack.codec import Blobs
+from editstack.protocol import EditRequest, ErrorReply, ItemError, Reply, ScoreReply, ScoreRequest, ScoreResult
+from editstack.service import ItemFailure, read_rgb, require_instruction
+
+from editstack_scorer.rubric import MODES, Rubric, ScoreError, UnknownRubricError, UnparseableReply, load_rubric
+from editstack_scorer.rubric import InvalidJob, ScoreResult as Verdict
+from editstack_scorer.settings import ScorerSettings
+
+
+class Judge(Protocol):
+    def score(self, jobs: list, mode: str, rubric: Rubric) -> list[Verdict | Exception]: ...
+
+
+class ScorerWorker:
+    """Serves score requests on one loaded judge."""
+
+    def __init__(self, judge: Judge, job_type: type, settings: ScorerSettings) -> None:
+        self.judge = judge
+        self.job_type = job_type  # judge.ScoreJob, passed in so this module stays torch-free
+        self.settings = settings
+        self.limits = settings.limits
+
+    def handle(self, request: EditRequest | ScoreRequest, blobs: list[memoryview]) -> tuple[Reply, Blobs | None]:
+        if not isinstance(request, ScoreRequest):
+            return ErrorReply("unsupported", "this is a scorer: it answers score requests, not edit"), None
+        mode = request.mode or self.settings.mode
+        rubric_id = request.rubric or self.settings.rubric
+        request_problem = None
+        rubric = None
+        if mode not in MODES:
+            request_problem = f"field 'mode': unknown mode {mode!r}; known modes: {', '.join(MODES)}"
+        else:
+            try:
+                rubric = load_rubric(rubric_id)
+            except UnknownRubricError as exc:
+                request_problem = f"field 'rubric': {exc}"
+
+        results: list[ScoreResult | None] = [None] * len(request.items)
+        jobs, slots = [], []
+        for index, item in enumerate(request.items):
+            notes: list[str] = []
+            try:
+                if request_problem:
+                    raise ItemFailure("bad_param", f"item {item.id!r} {request_problem}")
+                require_instruction(item.id, item.instruction)
+                source = read_rgb(item.id, "source", item.source, blobs, self.limits, notes)
+                edited = read_rgb(item.id, "edited", item.edited, blobs, self.limits, notes)
+            except ItemFailure as failure:
+                results[index] = ScoreResult(id=item.id, error=failure.error, notes=notes)
+                continue
+            jobs.append(self.job_type(PIL.Image.fromarray(source), PIL.Image.fromarray(edited), item.instruction))
+            slots.append((index, notes))
+
+        size = max(1, self.settings.batch_size)
+        for start in range(0, len(jobs), size):
+            chunk = slice(start, start + size)
+            started = time.perf_counter()
+            verdicts = self.judge.score(jobs[chunk], mode, rubric)
+            per_item_s = (time.perf_counter() - started) / len(verdicts)
+            for (index, notes), verdict in zip(slots[chunk], verdicts, strict=True):
+                results[index] = _result(request.items[index].id, verdict, per_item_s, notes)
+        return ScoreReply(items=[r for r in results if r is not None]), None
+
+
+def _result(item_id: str, verdict: Verdict | Exception, elapsed_s: float, notes: Sequence[str]) -> ScoreResult:
+    if isinstance(verdict, Verdict):
+        return ScoreResult(
+            id=item_id, rubric_id=verdict.rubric_id, rubric_version=verdict.rubric_version, mode=verdict.mode,
+            sub_scores=verdict.sub_scores, sc=verdict.sc, pq=verdict.pq, overall=verdict.overall,
+            aggregation=verdict.aggregation, score_mass=verdict.score_mass, raw=verdict.raw,
+            attempts=verdict.attempts, elapsed_s=elapsed_s, notes=list(notes),
+        )
+    if isinstance(verdict, UnparseableReply):
+        error = ItemError("unparseable_reply", f"item {item_id!r}: {verdict.reason}", raw=verdict.raw)
+    elif isinstance(verdict, InvalidJob):
+        error = ItemError("bad_input", f"item {item_id!r}: {verdict}")
+    else:
+        code = "model_error" if isinstance(verdict, ScoreError) else "internal"
+        error = ItemError(code, f"item {item_id!r}: {verdict}")
+    return ScoreResult(id=item_id, error=error, elapsed_s=elapsed_s, notes=list(notes))
