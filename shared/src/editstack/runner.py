@@ -102,10 +102,11 @@ def run(config: RunConfig) -> int:
     log.info("run %s: %d items selected, %d already complete, %d to do", run_dir, len(items),
              len(items) - len(todo), len(todo))
 
-    editors = [] if config.only == "score" else [_wait_ready(ep, config.editor.deadline_s) for ep in config.editor.endpoints]
+    editors = {} if config.only == "score" else {ep: _wait_ready(ep, config.editor.deadline_s)
+                                                   for ep in config.editor.endpoints}
     scorer = None if config.only == "edit" else _wait_ready(config.scorer.endpoint, config.scorer.deadline_s)
     write_atomic(run_dir / "config.yaml", to_yaml(config))
-    manifest = _manifest(config, editors, scorer, len(items), problems)
+    manifest = _manifest(config, list(editors.values()), scorer, len(items), problems)
     write_atomic(run_dir / "manifest.json", msgspec.json.format(msgspec.json.encode(manifest)))
 
     Pipeline(config, run_dir, journal, editors, earlier).run(todo)
@@ -125,7 +126,7 @@ def run(config: RunConfig) -> int:
 class Pipeline:
     """The edit and score stages of one run, as threads joined by a bounded queue."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, journal: Journal, editors: Sequence[Status],
+    def __init__(self, config: RunConfig, run_dir: Path, journal: Journal, editors: dict[str, Status],
                  earlier: dict[str, dict[str, Any]]) -> None:
         self.config = config
         self.run_dir = run_dir
@@ -147,7 +148,7 @@ class Pipeline:
         size = max(1, self.config.editor.batch_size)
         for start in range(0, len(to_edit), size):
             batches.put(list(to_edit[start:start + size]))
-        for status, endpoint in zip(self.editors, self.config.editor.endpoints, strict=True):
+        for endpoint, status in self.editors.items():
             # one client per service worker keeps every worker of every endpoint busy
             for n in range(max(1, status.workers)):
                 threads.append(threading.Thread(target=self._edit_loop, args=(endpoint, batches),
