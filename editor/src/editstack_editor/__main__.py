@@ -25,7 +25,7 @@ def _loader(settings: EditorSettings, device: str) -> Callable[[], EditorWorker]
 
         model = embedded_model(settings.tiny_dir, tiny.build) if settings.model == EMBEDDED_MODEL else settings.model
         backend = DiffusersEditor(model, settings.revision or None, device, settings.dtype,
-                                  settings.condition_max_px or None)
+                                  settings.condition_cap_px, batch_size=settings.batch_size)
         return EditorWorker(backend, settings)
 
     return load
@@ -39,7 +39,8 @@ def main() -> int:
         "dtype": settings.dtype,
         "steps": str(settings.steps),
         "guidance": str(settings.guidance),
-        "condition_max_px": str(settings.condition_max_px),
+        "condition_max_px": str(settings.condition_cap_px or "pipeline default"),
+        "batch_size": str(settings.batch_size),
         "embedded_tiny": str(settings.model == EMBEDDED_MODEL).lower(),
     }
 

@@ -11,7 +11,6 @@ import gc
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from types import ModuleType
 
 import diffusers
@@ -23,6 +22,8 @@ from transformers import Qwen2VLProcessor
 
 from editstack.tinymodels import drop_video_processor
 
+from editstack_editor.worker import EditJob
+
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,30 +32,29 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _BATCHABLE = {"QwenImageEditPipeline": True, "QwenImageEditPlusPipeline": False}
 
 
-@dataclass(frozen=True)
-class EditJob:
-    """One edit: source image, instruction and sampling parameters; the output is width x height."""
-
-    image: PIL.Image.Image  # already RGB
-    instruction: str
-    seed: int
-    steps: int
-    guidance: float  # passed as true_cfg_scale; <= 1 disables classifier-free guidance
-    negative_prompt: str  # default " " upstream: None silently disables CFG in the Qwen pipelines
-    width: int
-    height: int
-
-
 class DiffusersEditor:
     """A Qwen-Image-Edit family pipeline, loaded once; `edit` returns an image or an Exception per job."""
 
     def __init__(
-        self, model: str, revision: str | None, device: str, dtype: str, condition_max_px: int | None = None
+        self,
+        model: str,
+        revision: str | None,
+        device: str,
+        dtype: str,
+        condition_max_px: int | None = None,
+        *,
+        batch_size: int = 1,
     ) -> None:
+        """`batch_size`: items per pipeline call where the pipeline can batch. Larger is faster, but an
+        item's pixels then depend on its neighbours (padding and kernel choice change the rounding:
+        on an H200 hundreds of pixels of a 64x64 edit moved), so resumed or re-batched runs stop
+        reproducing. 1 makes every edit a function of its own job alone."""
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
         if condition_max_px is not None and condition_max_px < 32 * 32:
             raise ValueError(f"condition_max_px {condition_max_px} is below 32*32, the pipelines' size step")
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size} must be at least 1")
         # read the class first: refusing an unsupported model should not cost loading its weights
         pipeline_class = DiffusionPipeline.load_config(model, revision=revision)["_class_name"]
         if pipeline_class not in _BATCHABLE:
@@ -73,13 +73,9 @@ class DiffusersEditor:
 
         self.pipeline_class: str = pipeline_class
         self._pipe = pipe
-        self._batchable = _BATCHABLE[pipeline_class]
-        # both pipelines floor width and height to this multiple without an error; refuse instead
-        self._size_multiple: int = pipe.vae_scale_factor * 2
-
-    def versions(self) -> dict[str, str]:
-        """Versions of the libraries that produce the edits."""
-        return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+        self._batch_size = batch_size if _BATCHABLE[pipeline_class] else 1
+        # output sides must be multiples of this: both pipelines floor other sizes without a word
+        self.size_multiple: int = pipe.vae_scale_factor * 2
 
     def edit(self, jobs: list[EditJob]) -> list[PIL.Image.Image | Exception]:
         """Edit each job; one entry per job, in order: the RGB image, or the Exception that names why not."""
@@ -90,29 +86,28 @@ class DiffusersEditor:
             if problem is not None:
                 results[index] = ValueError(problem)
             else:
-                batches.setdefault(_batch_key(job) if self._batchable else (index,), []).append(index)
+                batches.setdefault(_batch_key(job), []).append(index)
 
         for indices in batches.values():
-            if len(indices) > 1:
-                images = self._run_batch([jobs[i] for i in indices])
-                if images is not None:
-                    results.update(zip(indices, images))
-                    continue
-            for i in indices:
-                results[i] = self._run_alone(jobs[i])
+            for start in range(0, len(indices), self._batch_size):
+                chunk = indices[start : start + self._batch_size]
+                if len(chunk) > 1:
+                    images = self._run_batch([jobs[i] for i in chunk])
+                    if images is not None:
+                        results.update(zip(chunk, images, strict=True))
+                        continue
+                for i in chunk:
+                    results[i] = self._run_alone(jobs[i])
         return [results[i] for i in range(len(jobs))]
 
     def _problem(self, job: EditJob) -> str | None:
-        """What makes a job impossible to run as asked, checked before any model work."""
-        if job.image.mode != "RGB":
-            return f"image mode is {job.image.mode}, expected RGB"
-        if not job.instruction.strip():
-            return "instruction is empty"
+        """What would make the pipeline fail or quietly return another size (the worker checks requests
+        first; this guards the output size promise for any caller)."""
         if job.steps < 1:
             return f"steps is {job.steps}, must be at least 1"
         for name, value in (("width", job.width), ("height", job.height)):
-            if value < self._size_multiple or value % self._size_multiple:
-                return f"{name} is {value}, must be a positive multiple of {self._size_multiple}"
+            if value < self.size_multiple or value % self.size_multiple:
+                return f"{name} is {value}, must be a positive multiple of {self.size_multiple}"
         return None
 
     def _run_batch(self, jobs: list[EditJob]) -> list[PIL.Image.Image] | None:
@@ -178,7 +173,8 @@ def _cap_condition_area(module: ModuleType, max_px: int | None) -> None:
     The Qwen edit pipelines resize every conditioning image to about 1024x1024 (Plus: also 384x384
     for the text encoder), whatever the input and output sizes. For the tiny CPU model the VAE
     encode at that size takes ~5 s against ~0.1 s for the rest of an edit, so tests cap it. The
-    pipelines offer no argument for it: this rebinds the module's `calculate_dimensions`.
+    pipelines offer no argument for it: this rebinds the module's `calculate_dimensions`, for every
+    pipeline of that module in the process (the editor's workers share one setting).
     """
     original = getattr(module.calculate_dimensions, "__wrapped__", module.calculate_dimensions)
     if max_px is None:

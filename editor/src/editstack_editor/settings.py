@@ -8,6 +8,7 @@ from editstack.codec import Limits
 
 EMBEDDED_MODEL = "embedded-tiny"
 IDENTITY_MODEL = "identity"
+EMBEDDED_CONDITION_PX = 64 * 64
 
 
 class EditorSettings(msgspec.Struct, frozen=True):
@@ -23,11 +24,24 @@ class EditorSettings(msgspec.Struct, frozen=True):
     negative_prompt: str = " "  # default; None would silently disable CFG in the Qwen pipelines
     width: int = 0  # default output size; 0 = the source's, floored to the pipeline's size step
     height: int = 0
-    condition_max_px: int = 0  # cap on the conditioning image's area; 0 = the pipeline's own (~1024²)
+    # cap on the conditioning image's area (the Qwen edit pipelines resize it to ~1024² whatever the
+    # output size); unset = 4096 (64²) for embedded-tiny, whose CPU edits take 10 s at 1024², and
+    # the pipeline's own size for every other model; 0 = the pipeline's own size
+    condition_max_px: int | None = None
+    # items per pipeline call; > 1 is faster but makes an item's pixels depend on its batch
+    # neighbours, so a resumed or re-batched run no longer reproduces bytes; 1 keeps them exact
+    batch_size: int = 1
     tiny_dir: str = "~/.cache/editstack/models/tiny-qwen-image-edit"  # where embedded-tiny is built
     max_message_bytes: int = Limits.max_message_bytes
     max_image_px: int = Limits.max_image_px
     max_batch: int = Limits.max_batch
+
+    @property
+    def condition_cap_px(self) -> int | None:
+        """The cap the pipeline gets: None for the pipeline's own size."""
+        if self.condition_max_px is None:
+            return EMBEDDED_CONDITION_PX if self.model == EMBEDDED_MODEL else None
+        return self.condition_max_px or None
 
     @property
     def device_list(self) -> list[str]:

@@ -8,32 +8,16 @@ are noise; the marker file `editstack_tiny.json` lets reports say so.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import tempfile
+from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import diffusers
-import torch
-import transformers
-from diffusers import (
-    AutoencoderKLQwenImage,
-    FlowMatchEulerDiscreteScheduler,
-    QwenImageEditPipeline,
-    QwenImageTransformer2DModel,
-)
-from transformers import (
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2TokenizerFast,
-    Qwen2VLImageProcessor,
-    Qwen2VLProcessor,
-)
+from editstack.tinymodels import build_model_folder, drop_video_processor, write_qwen_tokenizer
 
-from editstack.tinymodels import drop_video_processor, write_qwen_tokenizer
+if TYPE_CHECKING:
+    from diffusers import QwenImageEditPipeline
 
-MARKER = "editstack_tiny.json"
 SEED = 0
 _TEXT_HIDDEN = 32  # text encoder width == transformer joint_attention_dim (real model: 3584)
 _Z_DIM = 16  # latent channels, as in the real Qwen-Image VAE
@@ -41,46 +25,45 @@ _Z_DIM = 16  # latent channels, as in the real Qwen-Image VAE
 
 def build(out_dir: Path) -> Path:
     """Build the tiny pipeline into `out_dir` (atomically) and return it; an existing build is kept."""
-    out_dir = Path(out_dir)
-    if (out_dir / MARKER).is_file():
-        return out_dir
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists but holds no {MARKER}: not an editstack tiny model, left alone")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    try:
-        pipe = _tiny_pipeline()
-        pipe.save_pretrained(tmp_dir)
-        marker = {
-            "embedded_tiny": True,
-            "builder": "editstack_editor.tiny",
-            "pipeline_class": type(pipe).__name__,
-            "seed": SEED,
-            "note": "random weights: its edits, and any scores of them, mean nothing",
-            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                         "transformers": transformers.__version__},
-        }
-        (tmp_dir / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        # safetensors writes its files 0600; a folder built as root (e.g. in an image build) must
-        # stay readable by the service's non-root user
-        for path in tmp_dir.rglob("*"):
-            if path.is_file():
-                path.chmod(0o644)
-        try:
-            tmp_dir.rename(out_dir)
-        except OSError:
-            # another process finished the same (deterministic) build first: use theirs
-            if not (out_dir / MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return out_dir
+    return build_model_folder(out_dir, _write)
+
+
+def _write(folder: Path) -> dict[str, object]:
+    pipe = _tiny_pipeline()
+    pipe.save_pretrained(folder)
+    return {
+        "builder": "editstack_editor.tiny",
+        "pipeline_class": type(pipe).__name__,
+        "seed": SEED,
+        "note": "random weights: its edits, and any scores of them, mean nothing",
+        "versions": {name: metadata.version(name) for name in ("torch", "diffusers", "transformers")},
+    }
 
 
 def _tiny_pipeline() -> QwenImageEditPipeline:
     """Mirror the real Qwen-Image-Edit structure (configs of the released checkpoint) at tiny widths."""
-    drop_video_processor(Qwen2VLProcessor)
+    # imported here, not at the top: only `pipeline` imports torch and the model libraries up front
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2TokenizerFast,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+    )
+
+    video = {}
+    if not drop_video_processor(Qwen2VLProcessor):
+        # torchvision works here (GPU images): the processor then insists on its video sub-processor
+        from transformers import Qwen2VLVideoProcessor
+
+        video["video_processor"] = Qwen2VLVideoProcessor()
     with tempfile.TemporaryDirectory() as tok_dir:
         ids = write_qwen_tokenizer(tok_dir)
         tokenizer = Qwen2TokenizerFast.from_pretrained(tok_dir)
@@ -88,7 +71,7 @@ def _tiny_pipeline() -> QwenImageEditPipeline:
     image_processor = Qwen2VLImageProcessor(
         min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2
     )
-    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, **video)
 
     config = Qwen2_5_VLConfig(
         text_config=dict(

@@ -28,7 +28,7 @@ import transformers
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen3VLProcessor
 
-from editstack.tinymodels import drop_video_processor
+from editstack.tinymodels import TINY_MARKER, drop_video_processor
 from editstack_scorer.replies import ReplyRejected, parse_reply
 from editstack_scorer.rubric import (
     GROUPS,
@@ -42,7 +42,6 @@ from editstack_scorer.rubric import (
     ScoreResult,
     UnparseableReply,
 )
-from editstack_scorer.tiny import MARKER
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +83,10 @@ class Judge:
             raise ValueError(f"generate_retries must be 0 or more, got {generate_retries}")
         self.max_new_tokens = max_new_tokens
         self.generate_retries = generate_retries
-        self.embedded_tiny = (Path(model) / MARKER).is_file()
+        self.embedded_tiny = (Path(model) / TINY_MARKER).is_file()
 
         drop_video_processor(Qwen3VLProcessor)  # CPU images lack torchvision; a no-op where it works
+        transformers.utils.logging.disable_progress_bar()  # a service's log is read line by line
         start = time.monotonic()
         self.processor = AutoProcessor.from_pretrained(model, revision=revision)
         # left padding puts every row's answer position last, so one index reads the whole batch
@@ -104,10 +104,6 @@ class Judge:
             self.load_s,
             " (embedded tiny model: scores mean nothing)" if self.embedded_tiny else "",
         )
-
-    def versions(self) -> dict[str, str]:
-        """Versions of the libraries that produce the scores."""
-        return {"torch": torch.__version__, "transformers": transformers.__version__}
 
     def score(self, jobs: list[ScoreJob], mode: str, rubric: Rubric) -> list[ScoreResult | Exception]:
         """Score each job with `rubric` in `mode`: one ScoreResult or ScoreError per job, in order.

@@ -10,15 +10,11 @@ Usage: python -m editstack_scorer.tiny OUT_DIR
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from editstack.tinymodels import build_model_folder
 
-MARKER = "editstack_tiny.json"
 SEED = 0
 
 # A simplified Qwen3-VL chat template: system/user/assistant turns, images and text in the user's
@@ -38,36 +34,8 @@ CHAT_TEMPLATE = (
 
 
 def build(out_dir: Path) -> Path:
-    """Build the tiny judge into `out_dir` atomically (temp folder, then rename) and return it.
-
-    A folder that already holds the marker is returned as it is, so concurrent or repeated builds
-    are safe; an existing folder without the marker is refused rather than overwritten.
-    """
-    out_dir = Path(out_dir)
-    if (out_dir / MARKER).is_file():
-        log.info("embedded tiny judge already built at %s", out_dir)
-        return out_dir
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists but holds no {MARKER}; remove it or choose another folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        marker = _write(tmp)
-        # mkdtemp makes the folder private and transformers writes the weights 0600; a model folder
-        # is read by other users (a container's non-root user reading an image built as root)
-        tmp.chmod(0o755)
-        for file in tmp.iterdir():
-            file.chmod(0o644)
-        try:
-            tmp.rename(out_dir)
-        except OSError:
-            if not (out_dir / MARKER).is_file():
-                raise
-            log.info("another process finished %s first; keeping its build", out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built embedded tiny judge at %s (%d parameters)", out_dir, marker["parameters"])
-    return out_dir
+    """Build the tiny judge into `out_dir` (atomically) and return it; an existing build is kept."""
+    return build_model_folder(out_dir, _write)
 
 
 def _write(folder: Path) -> dict[str, object]:
@@ -148,8 +116,7 @@ def _write(folder: Path) -> dict[str, object]:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
 
-    marker = {
-        "embedded_tiny": True,
+    return {
         "note": "random weights: scores from this judge mean nothing",
         "architecture": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -158,8 +125,6 @@ def _write(folder: Path) -> dict[str, object]:
         "transformers": transformers.__version__,
         "torch": torch.__version__,
     }
-    (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    return marker
 
 
 def main() -> None:

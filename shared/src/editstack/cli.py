@@ -5,6 +5,7 @@
     editstack score ENDPOINT --source A.png --edited B.png --instruction TEXT [--mode logits|generate]
     editstack run   [--config BENCH.yaml] [--categories C ...] [--limit N] [--run-dir DIR]
                     [--only edit|score] [--edits DIR] [--dataset SPEC] [--strict]
+                    [--editor ENDPOINT ...] [--scorer ENDPOINT]
 
 Exit status: 0 success (for ping: the service is ready); 1 the service is up but not ready, an
 item failed, or a run finished with failures; 2 usage or configuration error; 3 the service is
@@ -97,6 +98,7 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {key: value for key, value in {
         "dataset": args.dataset, "categories": args.categories, "limit": args.limit, "run_dir": args.run_dir,
         "only": args.only, "edits": args.edits, "strict": True if args.strict else None,
+        "editor.endpoints": args.editor, "scorer.endpoint": args.scorer,
     }.items() if value is not None}
     logging.getLogger().setLevel(logging.INFO)
     return run(load_config(args.config, overrides))
@@ -145,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", choices=["edit", "score"], help="run one stage only")
     run.add_argument("--edits", help="with --only score: a run folder or a <category>/<id>.png folder")
     run.add_argument("--strict", action="store_true", help="invalid dataset items are fatal")
+    run.add_argument("--editor", action="append", metavar="ENDPOINT", help="editor endpoint (repeat for several)")
+    run.add_argument("--scorer", metavar="ENDPOINT", help="scorer endpoint")
     run.set_defaults(func=_run)
     return parser
 

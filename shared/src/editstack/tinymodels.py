@@ -7,7 +7,14 @@ editstack distribution itself does not depend on.
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 # the builders write this file into a tiny model's folder: what it produces means nothing
 TINY_MARKER = "editstack_tiny.json"
@@ -94,3 +101,38 @@ def drop_video_processor(*processor_classes: type) -> bool:
         if hasattr(cls, "get_attributes"):  # transformers 5.x derives it from the __init__ signature
             cls.get_attributes = classmethod(lambda c: ["image_processor", "tokenizer"])
     return True
+
+
+def build_model_folder(out_dir: str | Path, write: Callable[[Path], dict[str, Any]]) -> Path:
+    """Build a tiny model into `out_dir` atomically and return it.
+
+    `write(folder)` saves the model into a temporary folder beside `out_dir` and returns what the
+    marker file should say; the folder is then renamed into place. A folder that already holds the
+    marker is kept as it is (so concurrent or repeated builds are safe); an existing folder
+    without it is refused rather than overwritten.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / TINY_MARKER).is_file():
+        return out_dir
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists but holds no {TINY_MARKER}: not an editstack tiny model, left alone")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        marker = {"embedded_tiny": True, **write(tmp)}
+        (tmp / TINY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        # mkdtemp makes the folder private and safetensors writes 0600: a model built as root (in an
+        # image build) must stay readable by the service's non-root user
+        tmp.chmod(0o755)
+        for path in tmp.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            # another process finished the same deterministic build first: keep theirs
+            if not (out_dir / TINY_MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("embedded tiny model ready at %s", out_dir)
+    return out_dir
