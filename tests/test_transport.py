@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 
 import numpy as np
@@ -167,3 +169,18 @@ def test_work_while_loading_is_refused_as_retryable_and_ping_says_loading(start_
         with pytest.raises(RemoteError) as err:
             client.edit(*_edit_request(1))
         assert err.value.code == "loading" and err.value.retryable
+
+
+def test_server_dying_mid_request_is_noticed_at_once_and_the_request_resent(start_echo) -> None:
+    service = start_echo("--delay-s", "3", "--delay-count", "1")
+    with Client(service.endpoint, timeout_s=60, retries=2) as client:
+        done = []
+        thread = threading.Thread(target=lambda: done.append(client.edit(*_edit_request(1))[0]))
+        start = time.monotonic()
+        thread.start()
+        time.sleep(1.0)  # the request is in flight, held by the delay
+        service.stop(signal.SIGKILL)
+        start_echo(wait=False)  # back on the same endpoint, no delay this time
+        thread.join(30)
+    assert done and done[0].items[0].error is None
+    assert time.monotonic() - start < 30, "the client waited for its 60 s timeout instead of resending"

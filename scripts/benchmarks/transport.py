@@ -16,15 +16,11 @@ import argparse
 import base64
 import io
 import json
-import os
-import socket
-import statistics
+import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable
-from pathlib import Path
+from contextlib import ExitStack
 
 import numpy as np
 import zmq
@@ -34,6 +30,8 @@ from editstack.codec import Blobs, Limits, read_image
 from editstack.echo import EchoWorker
 from editstack.protocol import EditItem, EditRequest
 from editstack.transport import Client
+
+from harness import Service, free_port, load_average, machine, measure, print_times, short_dir
 
 BATCH, SIDE = 4, 1024
 
@@ -60,24 +58,6 @@ json.dump({"images": out}, sys.stdout)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(endpoint: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    with Client(endpoint, timeout_s=1, retries=0) as client:
-        while time.monotonic() < deadline:
-            try:
-                if client.ping().state == "ready":
-                    return
-            except Exception:
-                time.sleep(0.1)
-    raise TimeoutError(f"{endpoint} not ready in {timeout_s}s")
-
-
 def _request(images: list[np.ndarray]) -> tuple[EditRequest, Blobs]:
     blobs = Blobs()
     items = [EditItem(id=str(k), instruction="keep", image=blobs.add(im)) for k, im in enumerate(images)]
@@ -94,16 +74,17 @@ def main() -> None:
     images = [rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8) for _ in range(BATCH)]
     limits = Limits()
     worker = EchoWorker(limits)
-    tmp = Path(tempfile.mkdtemp(prefix="es-bench-", dir="/tmp"))
-    ipc, tcp, floor = f"ipc://{tmp}/echo.sock", f"tcp://127.0.0.1:{_free_port()}", f"ipc://{tmp}/floor.sock"
-    procs = [subprocess.Popen([sys.executable, "-m", "editstack.echo", endpoint], stderr=subprocess.DEVNULL)
-             for endpoint in (ipc, tcp)]
-    procs.append(subprocess.Popen([sys.executable, "-c", FLOOR_SERVER, floor]))
-    try:
+    tmp = short_dir()
+    ipc, tcp, floor = f"ipc://{tmp}/echo.sock", f"tcp://127.0.0.1:{free_port()}", f"ipc://{tmp}/floor.sock"
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         for endpoint in (ipc, tcp):
-            _wait_ready(endpoint)
-        ipc_client, tcp_client = Client(ipc, timeout_s=60), Client(tcp, timeout_s=60)
+            stack.enter_context(Service([sys.executable, "-m", "editstack.echo", endpoint], endpoint)).wait_ready(60)
+        stack.enter_context(Service([sys.executable, "-c", FLOOR_SERVER, floor], floor))  # no ping: a bare echo
+        ipc_client = stack.enter_context(Client(ipc, timeout_s=60))
+        tcp_client = stack.enter_context(Client(tcp, timeout_s=60))
         floor_socket = zmq.Context.instance().socket(zmq.REQ)
+        stack.callback(floor_socket.close, linger=0)
         floor_socket.connect(floor)
         raw_frames = [np.ascontiguousarray(im) for im in images]
 
@@ -135,34 +116,15 @@ def main() -> None:
 
         cases = {"inproc": inproc, "ipc": through(ipc_client), "tcp": through(tcp_client), "floor": bare_floor,
                  "subprocess": per_batch_subprocess}
-        for call in cases.values():  # warm-up: connections, caches, imports
-            call()
-        times: dict[str, list[float]] = {name: [] for name in cases}
-        for rep in range(args.repeats):
-            for name, call in cases.items():
-                if name == "subprocess" and rep >= args.subprocess_repeats:
-                    continue
-                start = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - start)
-        median = {name: statistics.median(ts) for name, ts in times.items()}
-        for name, ts in times.items():
-            print(f"{name:>10}: median {median[name] * 1000:8.2f} ms per batch of {BATCH} "
-                  f"(min {min(ts) * 1000:.2f}, max {max(ts) * 1000:.2f}, n={len(ts)})")
-        per_image = {name: (median[name] - (0 if name == "floor" else median["inproc"])) / BATCH * 1000
-                     for name in ("ipc", "tcp", "floor", "subprocess")}
-        print(f"machine: {os.cpu_count()} CPUs, {sys.platform}, python {sys.version.split()[0]}, pyzmq {zmq.__version__}")
-        print(f"transport: ipc_ms_per_image={per_image['ipc']:.3f} tcp_ms_per_image={per_image['tcp']:.3f} "
-              f"floor_ms_per_image={per_image['floor']:.3f} subprocess_ms_per_image={per_image['subprocess']:.1f} "
-              f"overhead_vs_floor={per_image['ipc'] / per_image['floor']:.2f} "
-              f"speedup_vs_subprocess={per_image['subprocess'] / per_image['ipc']:.0f}")
-        ipc_client.close()
-        tcp_client.close()
-        floor_socket.close(linger=0)
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(10)
+        times = measure(cases, args.repeats, max_repeats={"subprocess": args.subprocess_repeats})
+    median = print_times(times, f"batch of {BATCH}")
+    per_image = {name: (median[name] - (0 if name == "floor" else median["inproc"])) / BATCH * 1000
+                 for name in ("ipc", "tcp", "floor", "subprocess")}
+    print(f"machine: {machine()}, pyzmq {zmq.__version__}; load average {load_average()}")
+    print(f"transport: ipc_ms_per_image={per_image['ipc']:.3f} tcp_ms_per_image={per_image['tcp']:.3f} "
+          f"floor_ms_per_image={per_image['floor']:.3f} subprocess_ms_per_image={per_image['subprocess']:.1f} "
+          f"overhead_vs_floor={per_image['ipc'] / per_image['floor']:.2f} "
+          f"speedup_vs_subprocess={per_image['subprocess'] / per_image['ipc']:.0f}")
 
 
 if __name__ == "__main__":

@@ -109,9 +109,14 @@ def run(config: RunConfig) -> int:
     manifest = _manifest(config, list(editors.values()), scorer, len(items), problems)
     write_atomic(run_dir / "manifest.json", msgspec.json.format(msgspec.json.encode(manifest)))
 
-    Pipeline(config, run_dir, journal, editors, earlier).run(todo)
+    pipeline = Pipeline(config, run_dir, journal, editors, earlier)
+    started = time.monotonic()
+    pipeline.run(todo)
 
     manifest["finished_at"] = _now()
+    # busy: time inside a stage's requests, summed over its threads; wall near max(edit, score) = overlapped
+    manifest["timings"] = {"wall_s": round(time.monotonic() - started, 3),
+                           **{f"{stage}_busy_s": round(s, 3) for stage, s in pipeline.busy_s.items()}}
     final = journal.load().records
     manifest["counts"] = {status: sum(1 for r in final.values() if r["status"] == status)
                           for status in ("scored", "edited", "failed")}

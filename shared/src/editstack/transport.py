@@ -8,7 +8,9 @@ hand replies back over an inproc socket; the main thread alone touches the ROUTE
 
 Client: Lazy Pirate (ZeroMQ guide, ch. 4): send, poll with a timeout, and on timeout close the
 REQ socket (linger 0), reopen it and resend, a bounded number of times, then raise
-ServiceUnavailable naming the endpoint. Every wait has a timeout.
+ServiceUnavailable naming the endpoint. A socket monitor ends the wait early when the connection
+drops (the service died or restarted), so a crash is noticed in milliseconds, not after the
+timeout. Every wait has a timeout.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Protocol
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from editstack.codec import Blobs, Limits, decode_reply, decode_request, encode
 from editstack.errors import ProtocolError, RemoteError, ServiceUnavailable
@@ -164,24 +167,45 @@ class Client:
         self.retries = retries
         self._context = zmq.Context.instance()
         self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket
 
     def request(self, message: Any, blobs: Blobs | None = None) -> tuple[Reply, list[memoryview]]:
         """Send `message`, return the reply; RemoteError for an error reply, ServiceUnavailable when
-        no reply came within (retries + 1) × timeout_s."""
+        no reply came within (retries + 1) attempts of up to timeout_s each.
+
+        An attempt also ends early when the connection to the service drops (the process died or
+        restarted): the request is resent at once instead of waiting out the timeout.
+        """
         frames = encode(message, blobs)
         start = time.monotonic()
         for attempt in range(1, self.retries + 2):
-            socket = self._connect()
+            socket, monitor = self._connect()
             socket.send_multipart(frames, copy=False)
-            if socket.poll(self.timeout_s * 1000, zmq.POLLIN):
-                reply, reply_blobs = decode_reply(socket.recv_multipart(copy=False))
+            outcome = self._await_reply(socket, monitor)
+            if outcome is not None:
+                reply, reply_blobs = decode_reply(outcome)
                 if isinstance(reply, ErrorReply):
                     raise RemoteError(self.endpoint, reply.code, reply.message, reply.retryable)
                 return reply, reply_blobs
-            log.warning("no reply from %s within %.1fs (attempt %d of %d)", self.endpoint, self.timeout_s,
-                        attempt, self.retries + 1)
             self._reset()
+            log.warning("no reply from %s (attempt %d of %d)", self.endpoint, attempt, self.retries + 1)
         raise ServiceUnavailable(self.endpoint, self.retries + 1, time.monotonic() - start)
+
+    def _await_reply(self, socket: zmq.Socket, monitor: zmq.Socket) -> list[zmq.Frame] | None:
+        """The reply's frames, or None after timeout_s or when the connection drops."""
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        deadline = time.monotonic() + self.timeout_s
+        while (left_s := deadline - time.monotonic()) > 0:
+            events = dict(poller.poll(left_s * 1000))
+            if socket in events:
+                return socket.recv_multipart(copy=False)
+            if monitor in events and recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                log.warning("connection to %s dropped while waiting for a reply", self.endpoint)
+                return None
+        log.warning("no reply from %s within %.1fs", self.endpoint, self.timeout_s)
+        return None
 
     def ping(self) -> Status:
         reply, _ = self.request(Ping())
@@ -204,15 +228,22 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _connect(self) -> zmq.Socket:
+    def _connect(self) -> tuple[zmq.Socket, zmq.Socket]:
         if self._socket is None:
-            self._socket = self._context.socket(zmq.REQ)
-            self._socket.setsockopt(zmq.LINGER, 0)
-            self._socket.connect(self.endpoint)
-        return self._socket
+            socket = self._context.socket(zmq.REQ)
+            socket.setsockopt(zmq.LINGER, 0)
+            # ZMTP heartbeats: a peer that vanished without closing (a host gone) shows as a disconnect
+            socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+            socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+            self._monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            socket.connect(self.endpoint)
+            self._socket = socket
+        return self._socket, self._monitor
 
     def _reset(self) -> None:
         if self._socket is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
             self._socket.close(linger=0)
             self._socket = None
 

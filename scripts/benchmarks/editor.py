@@ -1,0 +1,104 @@
+"""Editor service benchmark: edit requests of 4 RGB 64×64 images through real editor processes on CPU.
+
+Measured side by side, interleaved, in one run (medians of several repetitions):
+  tiny      the embedded tiny Qwen-Image-Edit pipeline at the editor's defaults (EDITOR_STEPS 4,
+            output at the source's 64×64, conditioning image capped at 64², one item per pipeline call)
+  identity  EDITOR_MODEL=identity: the same requests with no model, the service's own cost
+  load      seconds from process start until ping says ready, on the tiny model built beforehand:
+            Python start and imports (torch, diffusers) plus the model load; the model load alone
+            is the figure the service logs
+Its edits are noise: these figures time the stack, not a model worth running. The last line is the
+summary BENCHMARKS.md quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+from editstack.codec import Blobs, Limits, read_image
+from editstack.protocol import EditItem, EditRequest
+from editstack.transport import Client
+
+from harness import Service, build_tiny, load_average, machine, measure, print_times, short_dir, torch_threads
+
+BATCH, SIDE = 4, 64
+INSTRUCTIONS = ("make the sky blue", "add a red hat to the cat", "remove the dog", "turn it into a watercolor painting")
+# pipeline.py logs "loaded <model> (<class>, revision …) on <device> as <dtype> in <s> s"
+MODEL_LOAD_LOG = re.compile(r"loaded .* in ([0-9.]+) s")
+
+
+def _request(images: list[np.ndarray]) -> tuple[EditRequest, Blobs]:
+    blobs = Blobs()
+    items = [EditItem(id=str(k), instruction=INSTRUCTIONS[k % len(INSTRUCTIONS)], image=blobs.add(im), seed=k)
+             for k, im in enumerate(images)]
+    return EditRequest(items), blobs
+
+
+def _edit_call(client: Client, images: list[np.ndarray]) -> Callable[[], None]:
+    limits = Limits()
+
+    def call() -> None:
+        reply, received = client.edit(*_request(images))
+        assert all(r.error is None for r in reply.items), [r.error for r in reply.items]
+        assert all(read_image(r.image, received, limits).shape == (SIDE, SIDE, 3) for r in reply.items)
+
+    return call
+
+
+def _model_load_s(service: Service) -> float | None:
+    found = MODEL_LOAD_LOG.findall(service.tail(100_000))
+    return float(found[-1]) if found else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="timed requests per case")
+    parser.add_argument("--load-repeats", type=int, default=3, help="cold starts of the tiny editor")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8) for _ in range(BATCH)]
+    tmp = short_dir()
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        build_s = build_tiny("editor", tmp / "tiny")
+        tiny_env = {"EDITOR_TINY_DIR": str(tmp / "tiny")}
+
+        # cold starts one at a time, nothing else running: each is a whole process start
+        load_s, model_load_s = [], []
+        for k in range(args.load_repeats):
+            with Service.of("editor", tmp, f"load-{k}", tiny_env) as service:
+                load_s.append(service.wait_ready())
+                model_load_s.append(_model_load_s(service))
+
+        tiny = stack.enter_context(Service.of("editor", tmp, "tiny", tiny_env))
+        identity = stack.enter_context(Service.of("editor", tmp, "identity", {"EDITOR_MODEL": "identity"}))
+        for service in (tiny, identity):
+            service.wait_ready()
+        cases = {name: _edit_call(stack.enter_context(Client(s.endpoint, timeout_s=300, retries=0)), images)
+                 for name, s in (("tiny", tiny), ("identity", identity))}
+        times = measure(cases, args.repeats)
+        threads = torch_threads("editor")
+
+    median = print_times(times, f"request of {BATCH} edits")
+    load, model_loads = statistics.median(load_s), [s for s in model_load_s if s is not None]
+    print(f"tiny model build (once, before the starts; Python start + imports + build): {build_s:.2f} s")
+    print(f"load (process start → ping ready): median {load:.2f} s of {', '.join(f'{s:.2f}' for s in load_s)}")
+    if model_loads:
+        print(f"  of which the model load the service logs: median {statistics.median(model_loads):.2f} s; "
+              f"the rest is Python start and imports (torch, diffusers, transformers)")
+    print(f"machine: {machine()}, {threads}; load average {load_average()}")
+    print(f"editor: tiny_edits_per_s={BATCH / median['tiny']:.2f} identity_edits_per_s={BATCH / median['identity']:.0f} "
+          f"load_s={load:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Scorer service benchmark: score requests of 4 items (RGB 64×64 source and edit) through real scorer
+processes running the embedded tiny Qwen3-VL judge on CPU (SCORER_BATCH_SIZE 4: one forward pass per request).
+
+Measured side by side, interleaved, in one run (medians of several repetitions):
+  logits               expected score from the answer tokens' probabilities: one forward pass per question
+  generate             a JSON reply per question group, SCORER_MAX_NEW_TOKENS tokens at most, with the
+                       default SCORER_GENERATE_RETRIES (2): the tiny judge's replies are gibberish, so
+                       every item fails after its retries; items/s counts items answered, failed or not
+  generate_no_retries  the same with SCORER_GENERATE_RETRIES=0: one generation per item
+  load                 seconds from process start until ping says ready, on the judge built beforehand:
+                       Python start and imports (torch, transformers) plus the model load; the model
+                       load alone is the figure the service logs
+Its scores mean nothing: these figures time the stack. The last line is the summary BENCHMARKS.md quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+from collections import Counter
+from collections.abc import Callable
+from contextlib import ExitStack
+
+import numpy as np
+
+from editstack.codec import Blobs
+from editstack.protocol import ScoreItem, ScoreRequest, ScoreResult
+from editstack.transport import Client
+
+from harness import Service, build_tiny, load_average, machine, measure, print_times, short_dir, torch_threads
+
+BATCH, SIDE = 4, 64
+INSTRUCTIONS = ("make the sky blue", "add a red hat to the cat", "remove the dog", "turn it into a watercolor painting")
+# judge.py logs "judge <model> (revision …) loaded on <device> as <dtype> in <s> s"
+MODEL_LOAD_LOG = re.compile(r"judge .* loaded on .* in ([0-9.]+) s")
+
+
+def _request(images: list[np.ndarray], mode: str) -> tuple[ScoreRequest, Blobs]:
+    blobs = Blobs()
+    items = [ScoreItem(id=str(k), instruction=INSTRUCTIONS[k % len(INSTRUCTIONS)], source=blobs.add(images[k]),
+                       edited=blobs.add(images[-1 - k])) for k in range(BATCH)]
+    return ScoreRequest(items, mode=mode), blobs
+
+
+def _attempts(result: ScoreResult) -> int:
+    """Judge generations an item took: a scored item says so; a failed one keeps every reply's raw text."""
+    return result.attempts if result.error is None else len(result.error.raw)
+
+
+def _score_call(client: Client, images: list[np.ndarray], mode: str,
+                outcomes: Counter[tuple[str, int]]) -> Callable[[], None]:
+    """A call that sends one request and counts its items' (outcome, attempts) in `outcomes`."""
+
+    def call() -> None:
+        reply = client.score(*_request(images, mode))
+        assert len(reply.items) == BATCH
+        for result in reply.items:
+            outcomes[(result.error.code if result.error else "scored", _attempts(result))] += 1
+
+    return call
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="timed requests per case")
+    parser.add_argument("--load-repeats", type=int, default=3, help="cold starts of the scorer")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="SCORER_MAX_NEW_TOKENS for generate")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8) for _ in range(BATCH)]
+    tmp = short_dir()
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        build_s = build_tiny("scorer", tmp / "tiny")
+        env = {"SCORER_TINY_DIR": str(tmp / "tiny"), "SCORER_MAX_NEW_TOKENS": str(args.max_new_tokens)}
+
+        # cold starts one at a time, nothing else running: each is a whole process start
+        load_s, model_load_s = [], []
+        for k in range(args.load_repeats):
+            with Service.of("scorer", tmp, f"load-{k}", env) as service:
+                load_s.append(service.wait_ready())
+                found = MODEL_LOAD_LOG.findall(service.tail(100_000))
+                model_load_s.extend(float(s) for s in found[-1:])
+
+        judge = stack.enter_context(Service.of("scorer", tmp, "judge", env))
+        no_retries = stack.enter_context(Service.of("scorer", tmp, "no-retries",
+                                                    {**env, "SCORER_GENERATE_RETRIES": "0"}))
+        for service in (judge, no_retries):
+            service.wait_ready()
+        outcomes: dict[str, Counter[tuple[str, int]]] = {}
+        cases = {}
+        for name, service, mode in (("logits", judge, "logits"), ("generate", judge, "generate"),
+                                    ("generate_no_retries", no_retries, "generate")):
+            outcomes[name] = Counter()
+            client = stack.enter_context(Client(service.endpoint, timeout_s=300, retries=0))
+            cases[name] = _score_call(client, images, mode, outcomes[name])
+        times = measure(cases, args.repeats)
+        threads = torch_threads("scorer")
+
+    median = print_times(times, f"request of {BATCH} items")
+    for name, counted in outcomes.items():
+        summary = ", ".join(f"{n} {code} after {attempts} generation(s)" if name != "logits" else f"{n} {code}"
+                            for (code, attempts), n in sorted(counted.items()))
+        print(f"{name:>19}: items over all calls (warm-up included): {summary}")
+    load = statistics.median(load_s)
+    print(f"tiny judge build (once, before the starts; Python start + imports + build): {build_s:.2f} s")
+    print(f"load (process start → ping ready): median {load:.2f} s of {', '.join(f'{s:.2f}' for s in load_s)}")
+    if model_load_s:
+        print(f"  of which the model load the service logs: median {statistics.median(model_load_s):.2f} s; "
+              f"the rest is Python start and imports (torch, transformers)")
+    print(f"note: generate_items_per_s is the generate case: default retries (2), at most {args.max_new_tokens} new "
+          f"tokens per generation, items answered per second whether scored or failed; "
+          f"without retries: {BATCH / median['generate_no_retries']:.2f} items/s")
+    print(f"machine: {machine()}, {threads}; load average {load_average()}")
+    print(f"scorer: logits_items_per_s={BATCH / median['logits']:.2f} "
+          f"generate_items_per_s={BATCH / median['generate']:.2f} load_s={load:.2f}")
+
+
+if __name__ == "__main__":
+    main()
