@@ -11,7 +11,7 @@ import argparse
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from editstack.tinymodels import build_model_folder, drop_video_processor, write_qwen_tokenizer
 
@@ -19,28 +19,39 @@ if TYPE_CHECKING:
     from diffusers import QwenImageEditPipeline
 
 SEED = 0
-_TEXT_HIDDEN = 32  # text encoder width == transformer joint_attention_dim (real model: 3584)
 _Z_DIM = 16  # latent channels, as in the real Qwen-Image VAE
+# Widths and depths per size. "tiny" is the embedded default (11 MB, CPU); "mid" (~0.6 B parameters)
+# times the same architecture on a GPU (scripts/benchmarks/midsize.py). The real Qwen-Image-Edit has
+# a 3584-wide text encoder (== joint_attention_dim), 60 transformer layers of 24 x 128 heads.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(text_hidden=32, text_intermediate=64, text_layers=2, text_heads=2, text_kv_heads=1,
+                 mrope_section=[2, 3, 3], vision_depth=2, vision_hidden=16, vision_intermediate=32,
+                 vision_heads=2, vae_base_dim=16, layers=2, head_dim=16, heads=2, axes_dims_rope=(4, 6, 6)),
+    "mid": dict(text_hidden=1024, text_intermediate=2816, text_layers=8, text_heads=16, text_kv_heads=4,
+                mrope_section=[8, 12, 12], vision_depth=8, vision_hidden=640, vision_intermediate=1280,
+                vision_heads=10, vae_base_dim=96, layers=12, head_dim=128, heads=12, axes_dims_rope=(16, 56, 56)),
+}
 
 
-def build(out_dir: Path) -> Path:
-    """Build the tiny pipeline into `out_dir` (atomically) and return it; an existing build is kept."""
-    return build_model_folder(out_dir, _write)
+def build(out_dir: Path, size: str = "tiny") -> Path:
+    """Build the pipeline of `size` into `out_dir` (atomically) and return it; an existing build is kept."""
+    return build_model_folder(out_dir, lambda folder: _write(folder, size))
 
 
-def _write(folder: Path) -> dict[str, object]:
-    pipe = _tiny_pipeline()
+def _write(folder: Path, size: str) -> dict[str, object]:
+    pipe = _tiny_pipeline(SIZES[size])
     pipe.save_pretrained(folder)
     return {
         "builder": "editstack_editor.tiny",
         "pipeline_class": type(pipe).__name__,
+        "size": size,
         "seed": SEED,
         "note": "random weights: its edits, and any scores of them, mean nothing",
         "versions": {name: metadata.version(name) for name in ("torch", "diffusers", "transformers")},
     }
 
 
-def _tiny_pipeline() -> QwenImageEditPipeline:
+def _tiny_pipeline(dims: dict[str, Any]) -> QwenImageEditPipeline:
     """Mirror the real Qwen-Image-Edit structure (configs of the released checkpoint) at tiny widths."""
     # imported here, not at the top: only `pipeline` imports torch and the model libraries up front
     import torch
@@ -75,36 +86,40 @@ def _tiny_pipeline() -> QwenImageEditPipeline:
 
     config = Qwen2_5_VLConfig(
         text_config=dict(
-            hidden_size=_TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, rope_theta=1000000.0, vocab_size=ids["vocab_size"],
+            hidden_size=dims["text_hidden"], intermediate_size=dims["text_intermediate"],
+            num_hidden_layers=dims["text_layers"], num_attention_heads=dims["text_heads"],
+            num_key_value_heads=dims["text_kv_heads"], rope_theta=1000000.0, vocab_size=ids["vocab_size"],
             max_position_embeddings=8192,
-            # mrope sections sum to head_dim / 2 = 8
-            rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": [2, 3, 3]},
+            # mrope sections sum to head_dim / 2
+            rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": dims["mrope_section"]},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         ),
         vision_config=dict(
-            depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=_TEXT_HIDDEN,
+            depth=dims["vision_depth"], hidden_size=dims["vision_hidden"],
+            intermediate_size=dims["vision_intermediate"], num_heads=dims["vision_heads"],
+            out_hidden_size=dims["text_hidden"],
             patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
             fullatt_block_indexes=[1], in_channels=3,
         ),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         # some code paths still read these top-level copies of the text config
-        vocab_size=ids["vocab_size"], hidden_size=_TEXT_HIDDEN,
+        vocab_size=ids["vocab_size"], hidden_size=dims["text_hidden"],
     )
     torch.manual_seed(SEED)
     text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
     torch.manual_seed(SEED)
     # temperal_downsample has three entries -> 8x spatial compression, as in the real VAE
     vae = AutoencoderKLQwenImage(
-        base_dim=16, z_dim=_Z_DIM, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+        base_dim=dims["vae_base_dim"], z_dim=_Z_DIM, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
         temperal_downsample=[False, True, True], latents_mean=[0.0] * _Z_DIM, latents_std=[1.0] * _Z_DIM,
     )
     torch.manual_seed(SEED)
     transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=4 * _Z_DIM, out_channels=_Z_DIM, num_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=_TEXT_HIDDEN, guidance_embeds=False,
-        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+        patch_size=2, in_channels=4 * _Z_DIM, out_channels=_Z_DIM, num_layers=dims["layers"],
+        attention_head_dim=dims["head_dim"], num_attention_heads=dims["heads"],
+        joint_attention_dim=dims["text_hidden"], guidance_embeds=False,
+        axes_dims_rope=dims["axes_dims_rope"],  # sums to attention_head_dim
     )
     scheduler = FlowMatchEulerDiscreteScheduler(  # the checkpoint's scheduler_config.json values
         base_image_seq_len=256, base_shift=0.5, invert_sigmas=False, max_image_seq_len=8192, max_shift=0.9,
@@ -131,8 +146,9 @@ def _tiny_pipeline() -> QwenImageEditPipeline:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m editstack_editor.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="folder to create (kept as is when already built)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     args = parser.parse_args(argv)
-    print(build(args.out_dir))
+    print(build(args.out_dir, args.size))
 
 
 if __name__ == "__main__":

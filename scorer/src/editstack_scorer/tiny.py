@@ -12,10 +12,21 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 from editstack.tinymodels import build_model_folder
 
 SEED = 0
+# Widths and depths per size. "tiny" is the embedded default (1 MB, CPU); "mid" (~0.7 B parameters)
+# times the same architecture on a GPU (scripts/benchmarks/midsize.py). Qwen3-VL-8B: 4096 wide, 36 layers.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, mrope_section=[4, 2, 2],
+                 vision_depth=2, vision_hidden=32, vision_intermediate=64, vision_heads=2, position_embeddings=64,
+                 deepstack=[0, 1]),
+    "mid": dict(hidden=2048, intermediate=6144, layers=12, heads=16, kv_heads=8, head_dim=128,
+                mrope_section=[24, 20, 20], vision_depth=12, vision_hidden=768, vision_intermediate=3072,
+                vision_heads=12, position_embeddings=2304, deepstack=[3, 7, 11]),
+}
 
 # A simplified Qwen3-VL chat template: system/user/assistant turns, images and text in the user's
 # content, and the generation prompt. Real checkpoints bring their own template.
@@ -33,12 +44,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def build(out_dir: Path) -> Path:
-    """Build the tiny judge into `out_dir` (atomically) and return it; an existing build is kept."""
-    return build_model_folder(out_dir, _write)
+def build(out_dir: Path, size: str = "tiny") -> Path:
+    """Build the judge of `size` into `out_dir` (atomically) and return it; an existing build is kept."""
+    return build_model_folder(out_dir, lambda folder: _write(folder, size))
 
 
-def _write(folder: Path) -> dict[str, object]:
+def _write(folder: Path, size: str) -> dict[str, object]:
     """Write tokenizer, processor, model and marker into `folder`; returns the marker's content."""
     import torch
     import transformers
@@ -52,7 +63,12 @@ def _write(folder: Path) -> dict[str, object]:
 
     from editstack.tinymodels import drop_video_processor, write_qwen_tokenizer
 
-    drop_video_processor(Qwen3VLProcessor)
+    video = {}
+    if not drop_video_processor(Qwen3VLProcessor):
+        # torchvision works here (GPU images): the processor then insists on its video sub-processor
+        from transformers import Qwen3VLVideoProcessor
+
+        video["video_processor"] = Qwen3VLVideoProcessor()
     ids = write_qwen_tokenizer(folder, chat_template=CHAT_TEMPLATE)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     # the PIL backend needs no torchvision; the numbers are those of Qwen3-VL-*-Instruct's preprocessor
@@ -64,39 +80,41 @@ def _write(folder: Path) -> dict[str, object]:
         image_std=[0.5] * 3,
         size={"shortest_edge": 65536, "longest_edge": 16777216},
     )
-    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+                                 **video)
 
+    dims = SIZES[size]
     text_config = dict(
         vocab_size=ids["vocab_size"],
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        hidden_size=dims["hidden"],
+        intermediate_size=dims["intermediate"],
+        num_hidden_layers=dims["layers"],
+        num_attention_heads=dims["heads"],
+        num_key_value_heads=dims["kv_heads"],
+        head_dim=dims["head_dim"],
         hidden_act="silu",
         max_position_embeddings=4096,
         rope_theta=5000000.0,
         # mrope sections sum to head_dim / 2
-        rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True},
+        rope_parameters={"rope_type": "default", "mrope_section": dims["mrope_section"], "mrope_interleaved": True},
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=True,
     )
     vision_config = dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=64,
+        depth=dims["vision_depth"],
+        hidden_size=dims["vision_hidden"],
+        intermediate_size=dims["vision_intermediate"],
+        num_heads=dims["vision_heads"],
+        out_hidden_size=dims["hidden"],
         in_channels=3,
         hidden_act="gelu_pytorch_tanh",
         patch_size=16,
         spatial_merge_size=2,
         temporal_patch_size=2,
-        num_position_embeddings=64,
-        deepstack_visual_indexes=[0, 1],
+        num_position_embeddings=dims["position_embeddings"],
+        deepstack_visual_indexes=dims["deepstack"],
     )
     config = Qwen3VLConfig(
         text_config=text_config,
@@ -120,6 +138,7 @@ def _write(folder: Path) -> dict[str, object]:
         "note": "random weights: scores from this judge mean nothing",
         "architecture": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "size": size,
         "seed": SEED,
         "built_by": "editstack_scorer.tiny",
         "transformers": transformers.__version__,
@@ -130,9 +149,10 @@ def _write(folder: Path) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m editstack_scorer.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="folder to create (reused when it already holds a tiny judge)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(build(args.out_dir))
+    print(build(args.out_dir, args.size))
 
 
 if __name__ == "__main__":
