@@ -1,7 +1,9 @@
-"""The real compose stack on a Docker engine, on the CPU: images built from the locally built base
-(scripts/build-base; nothing is pulled), the sample benchmark end to end, the scorer-only profile,
-a scorer crash mid-run, non-root processes, no published ports.
+"""The real compose stack on a Docker engine: the sample benchmark end to end, the scorer-only
+profile, a scorer crash mid-run, non-root processes, no published ports.
 
+By default on the CPU: images built from the locally built base (scripts/build-base; nothing is
+pulled) with the CPU override file. EDITSTACK_TEST_GPU=1 (the GPU workflow) builds on the official
+PyTorch image and keeps the GPU reservations of compose.yaml.
 Skipped where no Docker engine answers, except in CI (CI=true), where that is a failure.
 """
 
@@ -20,6 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_ITEMS = 24
+GPU = os.environ.get("EDITSTACK_TEST_GPU") == "1"
 
 
 def _docker_answers() -> bool:
@@ -43,21 +46,25 @@ class Stack:
         self.runs = runs
         self.env = {
             **os.environ,
-            "DOCKER_BUILDKIT": "0",  # no buildx here: the classic builder
-            "TORCH_BASE_IMAGE": "editstack/base:cpu",
-            "RUNNER_BASE_IMAGE": "editstack/base:cpu",
-            "EDITSTACK_PULL_POLICY": "never",
             "EDITSTACK_TAG": "test",
             "EDITSTACK_RUNS_DIR": str(runs),
             "EDITSTACK_DATA_DIR": str(data),
         }
+        if not GPU:
+            self.env |= {
+                "DOCKER_BUILDKIT": "0",  # no buildx on the CPU machines: the classic builder
+                "TORCH_BASE_IMAGE": "editstack/base:cpu",
+                "RUNNER_BASE_IMAGE": "editstack/base:cpu",
+                "EDITSTACK_PULL_POLICY": "never",
+            }
 
     def compose(self, *args: str, timeout_s: float = 600, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(*args), env={**self.env, **env}, cwd=ROOT, capture_output=True, text=True,
                               timeout=timeout_s)
 
     def command(self, *args: str) -> list[str]:
-        return ["docker", "compose", "-f", "compose.yaml", "-f", "compose.cpu.yaml", "-p", self.project, *args]
+        files = ["-f", "compose.yaml"] + ([] if GPU else ["-f", "compose.cpu.yaml"])
+        return ["docker", "compose", *files, "-p", self.project, *args]
 
     def container(self, service: str) -> str:
         return f"{self.project}-{service}-1"
@@ -71,7 +78,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack():
-    subprocess.run([str(ROOT / "scripts" / "build-base")], check=True, timeout=1800)
+    if not GPU:
+        subprocess.run([str(ROOT / "scripts" / "build-base")], check=True, timeout=1800)
     home = Path(tempfile.mkdtemp(prefix="es-compose-"))
     runs, data = home / "runs", home / "data"
     runs.mkdir()
