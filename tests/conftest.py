@@ -75,6 +75,12 @@ def service_python(service: str) -> str:
     return str(Path(venv).resolve() / "bin" / "python")
 
 
+def build_tiny_model(service: str, folder: Path) -> Path:
+    """The service's embedded tiny model, built into `folder` by the service package's own command."""
+    subprocess.run([service_python(service), "-m", f"editstack_{service}.tiny", str(folder)], check=True, timeout=300)
+    return folder
+
+
 @pytest.fixture
 def start_service(sockdir: Path, tmp_path: Path) -> Iterator:
     """start_service(name, argv, env=None, wait=True) -> ServiceProcess on ipc://<sockdir>/<name>.sock.

@@ -15,7 +15,7 @@ from editstack.errors import EditstackError
 from editstack.protocol import EditItem, EditParams, EditRequest, ImageRef
 from editstack.transport import Client
 
-from conftest import service_python
+from conftest import build_tiny_model, service_python
 
 RNG = np.random.default_rng(7)
 SOURCE = RNG.integers(0, 256, (64, 96, 3), dtype=np.uint8)
@@ -24,11 +24,7 @@ SOURCE = RNG.integers(0, 256, (64, 96, 3), dtype=np.uint8)
 @pytest.fixture(scope="session")
 def tiny_editor_dir(tmp_path_factory) -> Path:
     """The embedded tiny model, built once per session by the editor package's own command."""
-    import subprocess
-
-    folder = tmp_path_factory.mktemp("editor-model") / "tiny"
-    subprocess.run([service_python("editor"), "-m", "editstack_editor.tiny", str(folder)], check=True, timeout=300)
-    return folder
+    return build_tiny_model("editor", tmp_path_factory.mktemp("editor-model") / "tiny")
 
 
 @pytest.fixture

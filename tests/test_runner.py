@@ -81,7 +81,21 @@ def _run(config: Path, *flags: str, timeout_s: float = 300) -> subprocess.Comple
                           capture_output=True, text=True, timeout=timeout_s, env=env)
 
 
+def _start(config: Path, **popen) -> subprocess.Popen:
+    """The runner as a background process (for tests that kill something under it)."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(config.parent / "cache")}
+    return subprocess.Popen([sys.executable, "-m", "editstack.cli", "run", "--config", str(config)], env=env, **popen)
+
+
+def _wait_for_records(run_dir: Path, count: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and len(_records(run_dir)) < count:
+        time.sleep(0.05)
+
+
 def _records(run_dir: Path) -> list[dict]:
+    if not (run_dir / "results.jsonl").exists():
+        return []
     return [json.loads(line) for line in (run_dir / "results.jsonl").read_bytes().split(b"\n") if line.strip()]
 
 
@@ -126,13 +140,8 @@ def test_categories_filter_in_chinese_runs_only_physics(tmp_path, services) -> N
 
 def test_runner_killed_with_sigkill_resumes_to_a_complete_run_with_each_item_once(tmp_path, services) -> None:
     config = _config(tmp_path, services, editor__batch_size=2, scorer__batch_size=2)
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    runner = subprocess.Popen([sys.executable, "-m", "editstack.cli", "run", "--config", str(config)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    results = tmp_path / "run" / "results.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not results.exists() or len(_records(tmp_path / "run")) < 4):
-        time.sleep(0.05)
+    runner = _start(config, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_records(tmp_path / "run", 4)
     runner.send_signal(signal.SIGKILL)
     runner.wait(10)
     done_before = len(_records(tmp_path / "run"))
@@ -148,13 +157,8 @@ def test_scorer_killed_and_restarted_mid_run_loses_and_duplicates_nothing(tmp_pa
     scorer.wait_ready(120)
     config = _config(tmp_path, {**services, "scorer": scorer.endpoint}, scorer__batch_size=2, scorer__timeout_s=5,
                      scorer__deadline_s=120)
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    runner = subprocess.Popen([sys.executable, "-m", "editstack.cli", "run", "--config", str(config)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    results = tmp_path / "run" / "results.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not results.exists() or len(_records(tmp_path / "run")) < 2):
-        time.sleep(0.05)
+    runner = _start(config, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_records(tmp_path / "run", 2)
     scorer.stop(signal.SIGKILL)
     time.sleep(2)
     scorer.start()  # the same endpoint, as compose's restart policy would bring it back
@@ -174,13 +178,8 @@ def test_scorer_gone_for_good_records_failures_writes_the_report_and_exits_non_z
     scorer.wait_ready(120)
     config = _config(tmp_path, {**services, "scorer": scorer.endpoint}, limit=8, scorer__batch_size=2,
                      scorer__timeout_s=2, scorer__retries=0, scorer__deadline_s=4)
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    runner = subprocess.Popen([sys.executable, "-m", "editstack.cli", "run", "--config", str(config)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    results = tmp_path / "run" / "results.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not results.exists():
-        time.sleep(0.05)
+    runner = _start(config, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_records(tmp_path / "run", 1)
     scorer.stop(signal.SIGKILL)
     _, stderr = runner.communicate(timeout=300)
     assert runner.returncode == 1, stderr[-3000:]

@@ -3,7 +3,6 @@ tiny Qwen3-VL judge."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from editstack.codec import Blobs
 from editstack.protocol import ScoreItem, ScoreRequest
 from editstack.transport import Client
 
-from conftest import service_python
+from conftest import build_tiny_model, service_python
 
 RNG = np.random.default_rng(11)
 SOURCE = RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)
@@ -24,9 +23,7 @@ INSTRUCTIONS = ["make the sky blue", "add a red hat", "remove the dog", "把天�
 @pytest.fixture(scope="session")
 def tiny_judge_dir(tmp_path_factory) -> Path:
     """The embedded tiny judge, built once per session by the scorer package's own command."""
-    folder = tmp_path_factory.mktemp("scorer-model") / "tiny"
-    subprocess.run([service_python("scorer"), "-m", "editstack_scorer.tiny", str(folder)], check=True, timeout=300)
-    return folder
+    return build_tiny_model("scorer", tmp_path_factory.mktemp("scorer-model") / "tiny")
 
 
 @pytest.fixture

@@ -407,12 +407,20 @@ def _manifest(config: RunConfig, editors: Sequence[Status], scorer: Status | Non
         "editors": editor_info,
         "scorer": scorer_info,
         "rubric": rubric,
-        "params": {"steps": config.editor.steps, "guidance": config.editor.guidance,
+        # a parameter the config leaves to the editor is recorded as the editor's default
+        "params": {"steps": _or_default(config.editor.steps, editors, "steps"),
+                   "guidance": _or_default(config.editor.guidance, editors, "guidance"),
                    "negative_prompt": config.editor.negative_prompt, "seed": config.editor.seed,
                    "seed_rule": "item seed = (seed * 1000003 + crc32(item id)) mod 2^31"},
         "embedded_tiny": {"editor": any(s.details.get("embedded_tiny") == "true" for s in editors),
                           "scorer": bool(scorer and scorer.details.get("embedded_tiny") == "true")},
     }
+
+
+def _or_default(value: Any, editors: Sequence[Status], name: str) -> Any:
+    if value is not None or not editors:
+        return value
+    return f"editor default {editors[0].details.get(name, '?')}"
 
 
 def _git_commit() -> str | None:
