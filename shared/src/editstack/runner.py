@@ -72,8 +72,8 @@ class Pending:
 
     item: Item
     edit: dict[str, Any]
-    source: np.ndarray = field(repr=False)
-    edited: np.ndarray | bytes = field(repr=False)
+    source: np.ndarray | None = field(repr=False)  # None: read from item.source when scored
+    edited: np.ndarray | Path = field(repr=False)  # a Path: an existing edit, sent as its file bytes
 
 
 def item_seed(base_seed: int, item_id: str) -> int:
@@ -96,7 +96,9 @@ def run(config: RunConfig) -> int:
     journal = Journal(run_dir / RESULTS_NAME)
     earlier = journal.load().records
     finished = {"edit": {"edited", "scored"}, "score": {"scored"}, None: {"scored"}}[config.only]
-    kept = {i: r for i, r in earlier.items() if r["status"] in finished or i not in {it.id for it in items}}
+    selected = {item.id for item in items}
+    # complete records stay, and so do records of items outside this selection (an earlier, wider run)
+    kept = {i: r for i, r in earlier.items() if r["status"] in finished or i not in selected}
     journal.rewrite(kept.values())  # failed records go: their items are retried below
     todo = [item for item in items if item.id not in kept]
     log.info("run %s: %d items selected, %d already complete, %d to do", run_dir, len(items),
@@ -175,7 +177,8 @@ class Pipeline:
     # ---- edit stage --------------------------------------------------------------------------
 
     def _existing_edits(self, todo: Sequence[Item]) -> tuple[list[Pending], list[Item]]:
-        """Items whose edit already exists (score-only, or edited by an earlier edit-only run)."""
+        """Items whose edit already exists (score-only, or edited by an earlier edit-only run); their
+        images are read only when their batch is scored."""
         ready, to_edit = [], []
         for item in todo:
             path = self._existing_edit_path(item)
@@ -183,16 +186,11 @@ class Pipeline:
                 to_edit.append(item)
                 continue
             edit = {"status": "existing", "path": str(path), "elapsed_s": 0.0, "seed": None, "notes": [], "error": None}
-            try:
-                if not path.is_file():
-                    raise ImageError(f"item {item.id!r} field 'edited': no file {path}")
-                source, note = _load_source(item)
-            except ImageError as exc:
-                edit["error"] = {"code": "missing_image" if "no file" in str(exc) else "bad_image", "message": str(exc)}
+            if not path.is_file():
+                edit["error"] = {"code": "missing_image", "message": f"item {item.id!r} field 'edited': no file {path}"}
                 self._record(item, "failed", edit, None, {"stage": "edit", **edit["error"]})
                 continue
-            edit["notes"] = [note] if note else []
-            ready.append(Pending(item, edit, source, path.read_bytes()))
+            ready.append(Pending(item, edit, None, path))
         return ready, to_edit
 
     def _existing_edit_path(self, item: Item) -> Path | None:
@@ -274,10 +272,23 @@ class Pipeline:
 
     def _score_batch(self, client: Client, batch: list[Pending]) -> None:
         cfg = self.config.scorer
-        blobs, items = Blobs(), []
+        blobs, items, sent = Blobs(), [], []
         for p in batch:
+            try:
+                if p.source is None:
+                    p.source, note = _load_source(p.item)
+                    p.edit["notes"] += [note] if note else []
+                edited = p.edited.read_bytes() if isinstance(p.edited, Path) else p.edited
+            except (ImageError, OSError) as exc:
+                error = {"stage": "score", "code": "bad_image", "message": str(exc)}
+                self._record(p.item, "failed", p.edit, None, error)
+                continue
             items.append(ScoreItem(id=p.item.id, instruction=p.item.instruction, source=blobs.add(p.source),
-                                   edited=blobs.add(p.edited)))
+                                   edited=blobs.add(edited)))
+            sent.append(p)
+        if not sent:
+            return
+        batch = sent
         request = ScoreRequest(items, mode=cfg.mode, rubric=cfg.rubric)
         try:
             reply = self._timed("score", cfg.deadline_s, lambda: client.score(request, blobs))
