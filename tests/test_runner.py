@@ -118,6 +118,8 @@ def test_full_run_of_the_sample_writes_every_artefact_with_every_item_scored(tmp
     assert manifest["rubric"] == {"id": "viescore", "version": "1"}
     assert manifest["embedded_tiny"] == {"editor": True, "scorer": True}
     assert manifest["finished_at"] and manifest["counts"]["scored"] == SAMPLE_ITEMS
+    timings = manifest["timings"]
+    assert 0 < timings["edit_busy_s"] <= timings["wall_s"] and 0 < timings["score_busy_s"] <= timings["wall_s"]
     assert yaml.safe_load((run / "config.yaml").read_text())["editor"]["endpoints"] == [services["editor"]]
     report = (run / "report.md").read_text()
     assert "Scores mean nothing" in report and "sqrt(sc * pq)" in report

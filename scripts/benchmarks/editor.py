@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import statistics
 from collections.abc import Callable
 from contextlib import ExitStack
-from pathlib import Path
 
 import numpy as np
 
@@ -27,7 +25,8 @@ from editstack.codec import Blobs, Limits, read_image
 from editstack.protocol import EditItem, EditRequest
 from editstack.transport import Client
 
-from harness import Service, build_tiny, load_average, machine, measure, print_times, short_dir, torch_threads
+from harness import (Service, build_tiny, cold_starts, load_average, machine, measure, print_times, short_dir,
+                     torch_threads)
 
 BATCH, SIDE = 4, 64
 INSTRUCTIONS = ("make the sky blue", "add a red hat to the cat", "remove the dog", "turn it into a watercolor painting")
@@ -53,16 +52,12 @@ def _edit_call(client: Client, images: list[np.ndarray]) -> Callable[[], None]:
     return call
 
 
-def _model_load_s(service: Service) -> float | None:
-    found = MODEL_LOAD_LOG.findall(service.tail(100_000))
-    return float(found[-1]) if found else None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed requests per case")
+    parser.add_argument("--repeats", type=int, default=10, help="timed requests per case")
     parser.add_argument("--load-repeats", type=int, default=3, help="cold starts of the tiny editor")
     args = parser.parse_args()
+    load_at_start = load_average()
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8) for _ in range(BATCH)]
@@ -72,13 +67,7 @@ def main() -> None:
         build_s = build_tiny("editor", tmp / "tiny")
         tiny_env = {"EDITOR_TINY_DIR": str(tmp / "tiny")}
 
-        # cold starts one at a time, nothing else running: each is a whole process start
-        load_s, model_load_s = [], []
-        for k in range(args.load_repeats):
-            with Service.of("editor", tmp, f"load-{k}", tiny_env) as service:
-                load_s.append(service.wait_ready())
-                model_load_s.append(_model_load_s(service))
-
+        starts = cold_starts("editor", tmp, tiny_env, args.load_repeats, MODEL_LOAD_LOG)
         tiny = stack.enter_context(Service.of("editor", tmp, "tiny", tiny_env))
         identity = stack.enter_context(Service.of("editor", tmp, "identity", {"EDITOR_MODEL": "identity"}))
         for service in (tiny, identity):
@@ -89,15 +78,11 @@ def main() -> None:
         threads = torch_threads("editor")
 
     median = print_times(times, f"request of {BATCH} edits")
-    load, model_loads = statistics.median(load_s), [s for s in model_load_s if s is not None]
     print(f"tiny model build (once, before the starts; Python start + imports + build): {build_s:.2f} s")
-    print(f"load (process start → ping ready): median {load:.2f} s of {', '.join(f'{s:.2f}' for s in load_s)}")
-    if model_loads:
-        print(f"  of which the model load the service logs: median {statistics.median(model_loads):.2f} s; "
-              f"the rest is Python start and imports (torch, diffusers, transformers)")
-    print(f"machine: {machine()}, {threads}; load average {load_average()}")
-    print(f"editor: tiny_edits_per_s={BATCH / median['tiny']:.2f} identity_edits_per_s={BATCH / median['identity']:.0f} "
-          f"load_s={load:.2f}")
+    load = starts.print("torch, diffusers, transformers")
+    print(f"machine: {machine()}, {threads}; load average at start {load_at_start}, at end {load_average()}")
+    print(f"editor: tiny_edits_per_s={BATCH / median['tiny']:.2f} "
+          f"identity_edits_per_s={BATCH / median['identity']:.0f} load_s={load:.2f}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
@@ -14,6 +15,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -78,11 +80,10 @@ class Service:
                    {f"{service.upper()}_ENDPOINT": endpoint, **(env or {})}, folder / f"{name}.log")
 
     def start(self) -> Service:
-        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT)
-        if self.log:
-            out.close()  # the child holds its own copy
+        with open(self.log or os.devnull, "ab") as out:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, stdout=out,
+                                         stderr=subprocess.STDOUT)
         return self
 
     def wait_ready(self, timeout_s: float = 180.0) -> float:
@@ -121,6 +122,35 @@ class Service:
         self.stop()
 
 
+@dataclass(frozen=True)
+class ColdStarts:
+    """Process starts of a service, one at a time with nothing else running, on a model built beforehand."""
+
+    load_s: list[float]  # process start → ping ready: Python start, imports and the model load
+    model_load_s: list[float]  # the model load alone, as the service logs it
+
+    def print(self, imports: str) -> float:
+        """Print both medians; returns the load's."""
+        load = statistics.median(self.load_s)
+        print(f"load (process start → ping ready): median {load:.2f} s of {', '.join(f'{s:.2f}' for s in self.load_s)}")
+        if self.model_load_s:
+            print(f"  of which the model load the service logs: median {statistics.median(self.model_load_s):.2f} s; "
+                  f"the rest is Python start and imports ({imports})")
+        return load
+
+
+def cold_starts(service: str, folder: Path, env: Mapping[str, str], repeats: int,
+                model_load_log: re.Pattern[str]) -> ColdStarts:
+    """Start and stop `service` `repeats` times; `model_load_log` finds the model-load seconds in its log."""
+    load_s: list[float] = []
+    model_load_s: list[float] = []
+    for k in range(repeats):
+        with Service.of(service, folder, f"cold-start-{k}", env) as started:
+            load_s.append(started.wait_ready())
+            model_load_s.extend(float(s) for s in model_load_log.findall(started.tail(100_000))[-1:])
+    return ColdStarts(load_s, model_load_s)
+
+
 def measure(cases: Mapping[str, Callable[[], object]], repeats: int,
             max_repeats: Mapping[str, int] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each case, the cases interleaved round by round (so a change in machine
@@ -154,7 +184,8 @@ def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                  platform.processor() or "unknown CPU")
     ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{model}, {os.cpu_count()} CPUs, {ram_gib:.0f} GiB RAM, {platform.system()}, python {platform.python_version()}"
+    return (f"{model}, {os.cpu_count()} CPUs, {ram_gib:.0f} GiB RAM, {platform.system()}, "
+            f"python {platform.python_version()}")
 
 
 def load_average() -> str:

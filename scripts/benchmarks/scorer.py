@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import statistics
 from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -29,7 +28,8 @@ from editstack.codec import Blobs
 from editstack.protocol import ScoreItem, ScoreRequest, ScoreResult
 from editstack.transport import Client
 
-from harness import Service, build_tiny, load_average, machine, measure, print_times, short_dir, torch_threads
+from harness import (Service, build_tiny, cold_starts, load_average, machine, measure, print_times, short_dir,
+                     torch_threads)
 
 BATCH, SIDE = 4, 64
 INSTRUCTIONS = ("make the sky blue", "add a red hat to the cat", "remove the dog", "turn it into a watercolor painting")
@@ -64,10 +64,11 @@ def _score_call(client: Client, images: list[np.ndarray], mode: str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed requests per case")
+    parser.add_argument("--repeats", type=int, default=10, help="timed requests per case")
     parser.add_argument("--load-repeats", type=int, default=3, help="cold starts of the scorer")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="SCORER_MAX_NEW_TOKENS for generate")
     args = parser.parse_args()
+    load_at_start = load_average()
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8) for _ in range(BATCH)]
@@ -77,14 +78,7 @@ def main() -> None:
         build_s = build_tiny("scorer", tmp / "tiny")
         env = {"SCORER_TINY_DIR": str(tmp / "tiny"), "SCORER_MAX_NEW_TOKENS": str(args.max_new_tokens)}
 
-        # cold starts one at a time, nothing else running: each is a whole process start
-        load_s, model_load_s = [], []
-        for k in range(args.load_repeats):
-            with Service.of("scorer", tmp, f"load-{k}", env) as service:
-                load_s.append(service.wait_ready())
-                found = MODEL_LOAD_LOG.findall(service.tail(100_000))
-                model_load_s.extend(float(s) for s in found[-1:])
-
+        starts = cold_starts("scorer", tmp, env, args.load_repeats, MODEL_LOAD_LOG)
         judge = stack.enter_context(Service.of("scorer", tmp, "judge", env))
         no_retries = stack.enter_context(Service.of("scorer", tmp, "no-retries",
                                                     {**env, "SCORER_GENERATE_RETRIES": "0"}))
@@ -105,16 +99,12 @@ def main() -> None:
         summary = ", ".join(f"{n} {code} after {attempts} generation(s)" if name != "logits" else f"{n} {code}"
                             for (code, attempts), n in sorted(counted.items()))
         print(f"{name:>19}: items over all calls (warm-up included): {summary}")
-    load = statistics.median(load_s)
     print(f"tiny judge build (once, before the starts; Python start + imports + build): {build_s:.2f} s")
-    print(f"load (process start → ping ready): median {load:.2f} s of {', '.join(f'{s:.2f}' for s in load_s)}")
-    if model_load_s:
-        print(f"  of which the model load the service logs: median {statistics.median(model_load_s):.2f} s; "
-              f"the rest is Python start and imports (torch, transformers)")
+    load = starts.print("torch, transformers")
     print(f"note: generate_items_per_s is the generate case: default retries (2), at most {args.max_new_tokens} new "
           f"tokens per generation, items answered per second whether scored or failed; "
           f"without retries: {BATCH / median['generate_no_retries']:.2f} items/s")
-    print(f"machine: {machine()}, {threads}; load average {load_average()}")
+    print(f"machine: {machine()}, {threads}; load average at start {load_at_start}, at end {load_average()}")
     print(f"scorer: logits_items_per_s={BATCH / median['logits']:.2f} "
           f"generate_items_per_s={BATCH / median['generate']:.2f} load_s={load:.2f}")
 

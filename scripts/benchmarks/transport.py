@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--subprocess-repeats", type=int, default=5)
     args = parser.parse_args()
+    load_at_start = load_average()
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8) for _ in range(BATCH)]
@@ -120,7 +121,8 @@ def main() -> None:
     median = print_times(times, f"batch of {BATCH}")
     per_image = {name: (median[name] - (0 if name == "floor" else median["inproc"])) / BATCH * 1000
                  for name in ("ipc", "tcp", "floor", "subprocess")}
-    print(f"machine: {machine()}, pyzmq {zmq.__version__}; load average {load_average()}")
+    print(f"machine: {machine()}, pyzmq {zmq.__version__}; "
+          f"load average at start {load_at_start}, at end {load_average()}")
     print(f"transport: ipc_ms_per_image={per_image['ipc']:.3f} tcp_ms_per_image={per_image['tcp']:.3f} "
           f"floor_ms_per_image={per_image['floor']:.3f} subprocess_ms_per_image={per_image['subprocess']:.1f} "
           f"overhead_vs_floor={per_image['ipc'] / per_image['floor']:.2f} "

@@ -25,7 +25,7 @@ def _loader(settings: EditorSettings, device: str) -> Callable[[], EditorWorker]
 
         model = embedded_model(settings.tiny_dir, tiny.build) if settings.model == EMBEDDED_MODEL else settings.model
         backend = DiffusersEditor(model, settings.revision or None, device, settings.dtype,
-                                  settings.condition_cap_px, batch_size=settings.batch_size)
+                                  settings.condition_cap_px, batch_size=settings.batch_size, threads=settings.threads)
         return EditorWorker(backend, settings)
 
     return load

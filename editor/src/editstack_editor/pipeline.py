@@ -44,6 +44,7 @@ class DiffusersEditor:
         condition_max_px: int | None = None,
         *,
         batch_size: int = 1,
+        threads: int = 0,
     ) -> None:
         """`batch_size`: items per pipeline call where the pipeline can batch. Larger is faster, but an
         item's pixels then depend on its neighbours (padding and kernel choice change the rounding:
@@ -55,6 +56,8 @@ class DiffusersEditor:
             raise ValueError(f"condition_max_px {condition_max_px} is below 32*32, the pipelines' size step")
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size} must be at least 1")
+        if threads:
+            torch.set_num_threads(threads)
         # read the class first: refusing an unsupported model should not cost loading its weights
         pipeline_class = DiffusionPipeline.load_config(model, revision=revision)["_class_name"]
         if pipeline_class not in _BATCHABLE:

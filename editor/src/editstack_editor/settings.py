@@ -31,6 +31,7 @@ class EditorSettings(msgspec.Struct, frozen=True):
     # items per pipeline call; > 1 is faster but makes an item's pixels depend on its batch
     # neighbours, so a resumed or re-batched run no longer reproduces bytes; 1 keeps them exact
     batch_size: int = 1
+    threads: int = 0  # torch CPU threads; 0 = torch's default (all cores; two services on one CPU should share)
     tiny_dir: str = "~/.cache/editstack/models/tiny-qwen-image-edit"  # where embedded-tiny is built
     max_message_bytes: int = Limits.max_message_bytes
     max_image_px: int = Limits.max_image_px

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 SEED = 0
 _Z_DIM = 16  # latent channels, as in the real Qwen-Image VAE
-# Widths and depths per size. "tiny" is the embedded default (11 MB, CPU); "mid" (~0.6 B parameters)
+# Widths and depths per size. "tiny" is the embedded default (11 MB, CPU); "mid" (~1.25 B parameters)
 # times the same architecture on a GPU (scripts/benchmarks/midsize.py). The real Qwen-Image-Edit has
 # a 3584-wide text encoder (== joint_attention_dim), 60 transformer layers of 24 x 128 heads.
 SIZES: dict[str, dict[str, Any]] = {

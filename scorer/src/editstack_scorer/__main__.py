@@ -37,7 +37,8 @@ def main() -> int:
 
         model = embedded_model(settings.tiny_dir, tiny.build) if settings.model == EMBEDDED_MODEL else settings.model
         judge = Judge(model, settings.revision or None, settings.device, settings.dtype,
-                      max_new_tokens=settings.max_new_tokens, generate_retries=settings.generate_retries)
+                      max_new_tokens=settings.max_new_tokens, generate_retries=settings.generate_retries,
+                      threads=settings.threads)
         return ScorerWorker(judge, ScoreJob, settings)
 
     def status(server: Server) -> Status:

@@ -74,6 +74,7 @@ class Judge:
         dtype: str,
         max_new_tokens: int = 256,
         generate_retries: int = 2,
+        threads: int = 0,
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; known dtypes: {', '.join(_DTYPES)}")
@@ -81,6 +82,8 @@ class Judge:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if generate_retries < 0:
             raise ValueError(f"generate_retries must be 0 or more, got {generate_retries}")
+        if threads:
+            torch.set_num_threads(threads)
         self.max_new_tokens = max_new_tokens
         self.generate_retries = generate_retries
         self.embedded_tiny = (Path(model) / TINY_MARKER).is_file()

@@ -24,6 +24,7 @@ class ScorerSettings(msgspec.Struct, frozen=True):
     batch_size: int = 4  # items per forward pass
     max_new_tokens: int = 256  # generate mode: the reply's length limit
     generate_retries: int = 2  # generate mode: extra attempts after an unparseable reply
+    threads: int = 0  # torch CPU threads; 0 = torch's default (all cores; two services on one CPU should share)
     tiny_dir: str = "~/.cache/editstack/models/tiny-qwen3-vl"  # where embedded-tiny is built
     max_message_bytes: int = Limits.max_message_bytes
     max_image_px: int = Limits.max_image_px

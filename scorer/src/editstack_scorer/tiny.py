@@ -17,7 +17,7 @@ from typing import Any
 from editstack.tinymodels import build_model_folder
 
 SEED = 0
-# Widths and depths per size. "tiny" is the embedded default (1 MB, CPU); "mid" (~0.7 B parameters)
+# Widths and depths per size. "tiny" is the embedded default (1 MB, CPU); "mid" (~0.76 B parameters)
 # times the same architecture on a GPU (scripts/benchmarks/midsize.py). Qwen3-VL-8B: 4096 wide, 36 layers.
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, mrope_section=[4, 2, 2],
