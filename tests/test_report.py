@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from editstack.report import TINY_BANNER, RunFolderError, write_reports
+from editstack.errors import RunFolderError
+from editstack.report import TINY_BANNER, write_reports
 
 AGGREGATION = "overall = sqrt(sc * pq)"
 LONG_MESSAGE = "judge reply did not parse: " + "x" * 1000

@@ -57,7 +57,7 @@ def test_logits_scores_are_bounded_reproducible_and_batch_equals_one_by_one(scor
     pairs = [(SOURCE, edited) for edited in EDITED]
     batch = _score(scorer, pairs, INSTRUCTIONS, mode="logits")
     again = _score(scorer, pairs, INSTRUCTIONS, mode="logits")
-    alone = [_score(scorer, [pair], [instruction], mode="logits")[0] for pair, instruction in zip(pairs, INSTRUCTIONS)]
+    alone = [_score(scorer, [pair], [instruction], mode="logits")[0] for pair, instruction in zip(pairs, INSTRUCTIONS, strict=True)]
     for result, repeat, single in zip(batch, again, alone, strict=True):
         assert result.error is None and result.mode == "logits" and result.rubric_id == "viescore"
         scores = [*result.sub_scores.values(), result.sc, result.pq, result.overall]

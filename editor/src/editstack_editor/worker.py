@@ -16,7 +16,8 @@ import PIL.Image
 
 from editstack.codec import Blobs, Limits
 from editstack.protocol import EditItem, EditReply, EditRequest, EditResult, ErrorReply, ItemError, Reply, ScoreRequest
-from editstack.service import ItemFailure, read_rgb, require_instruction
+from editstack.errors import ItemFailure
+from editstack.service import read_rgb, require_instruction
 
 from editstack_editor.settings import EditorSettings
 

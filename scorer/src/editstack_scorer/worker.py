@@ -15,10 +15,11 @@ import PIL.Image
 
 from editstack.codec import Blobs
 from editstack.protocol import EditRequest, ErrorReply, ItemError, Reply, ScoreReply, ScoreRequest, ScoreResult
-from editstack.service import ItemFailure, read_rgb, require_instruction
+from editstack.errors import ItemFailure
+from editstack.service import read_rgb, require_instruction
 
-from editstack_scorer.rubric import MODES, Rubric, ScoreError, UnknownRubricError, UnparseableReply, load_rubric
-from editstack_scorer.rubric import InvalidJob, ScoreResult as Verdict
+from editstack_scorer.rubric import MODES, InvalidJob, Rubric, ScoreError, UnknownRubricError, UnparseableReply, load_rubric
+from editstack_scorer.rubric import ScoreResult as Verdict  # the judge's; ScoreResult here is the wire's
 from editstack_scorer.settings import ScorerSettings
 
 

@@ -14,11 +14,7 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
-from editstack.errors import EditstackError
-
-
-class ConfigError(EditstackError):
-    """The config file or a flag has a value the run cannot take."""
+from editstack.errors import ConfigError
 
 
 class EditorConfig(msgspec.Struct, forbid_unknown_fields=True):

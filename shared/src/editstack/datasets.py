@@ -81,7 +81,7 @@ from typing import Any
 
 from PIL import Image
 
-from editstack.errors import EditstackError
+from editstack.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -138,16 +138,6 @@ class Problem:
         if self.field is not None:
             text += f" field {self.field!r}"
         return f"{text}: {self.cause}"
-
-
-class DatasetError(EditstackError):
-    """A dataset has problems (all listed in `problems`) and the caller asked for strictness, or
-    its source cannot be read at all."""
-
-    def __init__(self, problems: Sequence[Problem]) -> None:
-        self.problems = tuple(problems)
-        listing = "\n".join(f"  {problem}" for problem in self.problems)
-        super().__init__(f"{len(self.problems)} dataset problem(s):\n{listing}")
 
 
 LoadResult = tuple[list[Item], list[Problem]]

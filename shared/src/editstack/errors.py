@@ -4,15 +4,26 @@
     ├── ProtocolError               a message that breaks the wire rules (version, header, frames)
     │   └── LimitExceeded           a message, batch or image over a configured limit
     ├── ImageError                  one image cannot be decoded or converted (an item error)
+    ├── ItemFailure                 a service cannot serve one item: carries its ItemError
     ├── ServiceUnavailable          no reply from an endpoint within the client's deadline
-    └── RemoteError                 the service answered with an error reply (code + message)
+    ├── RemoteError                 the service answered with an error reply (code + message)
+    ├── StageFailure                the runner gave up on a whole batch: carries the ItemError
+    ├── SettingsError               a service's environment variable has an unusable value
+    ├── ConfigError                 a run config or flag has an unusable value
+    ├── DatasetError                a dataset is unreadable, or has problems under strict=True
+    └── RunFolderError              a folder is not a readable run folder
 
-Server side, ProtocolError becomes an error reply and the server goes on; ImageError becomes an
-item error in an otherwise normal reply. Client side, ServiceUnavailable is retryable by the caller
-(the service may come back); RemoteError with `retryable` False is not.
+Server side, ProtocolError becomes an error reply and the server goes on; ImageError and
+ItemFailure become an item error in an otherwise normal reply. Client side, ServiceUnavailable is
+retryable by the caller (the service may come back); RemoteError with `retryable` False is not.
+The scorer's per-item verdict failures (editstack_scorer.rubric.ScoreError) are returned, not raised.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+
+from editstack.protocol import ItemError
 
 
 class EditstackError(Exception):
@@ -33,6 +44,40 @@ class LimitExceeded(ProtocolError):
 
 class ImageError(EditstackError):
     """One image cannot be decoded, is empty, or is over the pixel limit."""
+
+
+class ItemFailure(EditstackError):
+    """One item cannot be served; becomes an ItemError in its result."""
+
+    def __init__(self, code: str, message: str, raw: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.error = ItemError(code=code, message=message, raw=list(raw))
+
+
+class StageFailure(ItemFailure):
+    """A whole batch could not be served (service gone past its deadline, or refused the batch)."""
+
+
+class SettingsError(EditstackError):
+    """An environment variable has a value its setting cannot take."""
+
+
+class ConfigError(EditstackError):
+    """The config file or a flag has a value the run cannot take."""
+
+
+class DatasetError(EditstackError):
+    """A dataset has problems (all listed in `problems`) and the caller asked for strictness, or
+    its source cannot be read at all."""
+
+    def __init__(self, problems: Sequence[object]) -> None:
+        self.problems = tuple(problems)
+        listing = "\n".join(f"  {problem}" for problem in self.problems)
+        super().__init__(f"{len(self.problems)} dataset problem(s):\n{listing}")
+
+
+class RunFolderError(EditstackError):
+    """The folder is not a readable run folder (no manifest.json, or one that does not parse)."""
 
 
 class ServiceUnavailable(EditstackError):

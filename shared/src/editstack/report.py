@@ -45,7 +45,7 @@ from typing import Any, Literal, NamedTuple
 import msgspec
 from PIL import Image
 
-from editstack.errors import EditstackError
+from editstack.errors import RunFolderError
 from editstack.files import write_atomic
 from editstack.protocol import Status
 from editstack.runfolder import RESULTS_NAME, Journal
@@ -59,10 +59,6 @@ THUMBNAIL_PX = 256
 TINY_BANNER = "Scores mean nothing: random-weight tiny models"
 _MESSAGE_CHARS = 200  # failure messages can hold whole tracebacks; tables show their start
 _DASH = "–"
-
-
-class RunFolderError(EditstackError):
-    """The folder is not a readable run folder (no manifest.json, or one that does not parse)."""
 
 
 class ReportPaths(NamedTuple):

@@ -33,9 +33,9 @@ from tqdm import tqdm
 
 import editstack
 from editstack.codec import Blobs, Limits, encode_png, read_image, read_image_file
-from editstack.config import ConfigError, RunConfig, to_yaml
+from editstack.config import RunConfig, to_yaml
 from editstack.datasets import Item, load_dataset, select
-from editstack.errors import EditstackError, ImageError, RemoteError, ServiceUnavailable
+from editstack.errors import ConfigError, ImageError, RemoteError, ServiceUnavailable, StageFailure
 from editstack.files import write_atomic
 from editstack.protocol import (
     PROTOCOL_VERSION,
@@ -56,14 +56,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _RETRY_PAUSE_S = 1.0
 _PROGRESS_EVERY_S = 10.0
-
-
-class StageFailure(EditstackError):
-    """A whole batch could not be served (service gone past its deadline, or refused the batch)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.error = ItemError(code=code, message=message)
 
 
 @dataclass

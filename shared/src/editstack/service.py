@@ -16,26 +16,14 @@ import msgspec
 import numpy as np
 
 from editstack.codec import Limits, as_rgb, read_image
-from editstack.errors import EditstackError, ImageError
-from editstack.protocol import ImageRef, ItemError, Status
+from editstack.errors import ImageError, ItemFailure, SettingsError
+from editstack.protocol import ImageRef, Status
 from editstack.tinymodels import TINY_MARKER
 from editstack.transport import Server, Worker, serve_forever
 
 log = logging.getLogger(__name__)
 
 S = TypeVar("S", bound=msgspec.Struct)
-
-
-class SettingsError(EditstackError):
-    """An environment variable has a value its setting cannot take."""
-
-
-class ItemFailure(EditstackError):
-    """One item cannot be served; becomes an ItemError in its result."""
-
-    def __init__(self, code: str, message: str, raw: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.error = ItemError(code=code, message=message, raw=list(raw))
 
 
 def settings_from_env(cls: type[S], prefix: str, environ: Mapping[str, str] | None = None) -> S:
