@@ -119,6 +119,11 @@ def test_each_bad_input_gets_its_item_error_and_the_next_request_succeeds(start_
             error = reply.items[0].error
             assert error.code == "bad_param" and f"'{field}'" in error.message, error
 
+        sliver = np.zeros((2, 1000, 3), dtype=np.uint8)  # passes every check, then breaks the pipeline
+        reply, received = _edit(client, [SOURCE, sliver, SOURCE], seeds=[0, 0, 0], steps=2)
+        assert [r.error.code if r.error else None for r in reply.items] == [None, "model_error", None]
+        assert "'item-1'" in reply.items[1].error.message
+
         reply, received = _edit(client, [SOURCE], seeds=[0], steps=2)
         assert reply.items[0].error is None
 
