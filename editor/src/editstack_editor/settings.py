@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import msgspec
-
-from editstack.codec import Limits
+from editstack.service import LimitSettings
 
 EMBEDDED_MODEL = "embedded-tiny"
 IDENTITY_MODEL = "identity"
 EMBEDDED_CONDITION_PX = 64 * 64
 
 
-class EditorSettings(msgspec.Struct, frozen=True):
+class EditorSettings(LimitSettings, frozen=True):
     """EDITOR_<FIELD> for each field, e.g. EDITOR_MODEL, EDITOR_DEVICES=cuda:0,cuda:1."""
 
     model: str = EMBEDDED_MODEL  # a model id or folder, "identity", or "embedded-tiny"
@@ -33,9 +31,6 @@ class EditorSettings(msgspec.Struct, frozen=True):
     batch_size: int = 1
     threads: int = 0  # torch CPU threads; 0 = torch's default (all cores; two services on one CPU should share)
     tiny_dir: str = "~/.cache/editstack/models/tiny-qwen-image-edit"  # where embedded-tiny is built
-    max_message_bytes: int = Limits.max_message_bytes
-    max_image_px: int = Limits.max_image_px
-    max_batch: int = Limits.max_batch
 
     @property
     def condition_cap_px(self) -> int | None:
@@ -47,7 +42,3 @@ class EditorSettings(msgspec.Struct, frozen=True):
     @property
     def device_list(self) -> list[str]:
         return [d.strip() for d in self.devices.split(",") if d.strip()]
-
-    @property
-    def limits(self) -> Limits:
-        return Limits(self.max_message_bytes, self.max_image_px, self.max_batch)

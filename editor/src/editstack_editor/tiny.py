@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from editstack.tinymodels import build_model_folder, drop_video_processor, write_qwen_tokenizer
+from editstack.tinymodels import build_model_folder, video_processor_kwargs, write_qwen_tokenizer
 
 if TYPE_CHECKING:
     from diffusers import QwenImageEditPipeline
@@ -69,12 +69,7 @@ def _tiny_pipeline(dims: dict[str, Any]) -> QwenImageEditPipeline:
         Qwen2VLProcessor,
     )
 
-    video = {}
-    if not drop_video_processor(Qwen2VLProcessor):
-        # torchvision works here (GPU images): the processor then insists on its video sub-processor
-        from transformers import Qwen2VLVideoProcessor
-
-        video["video_processor"] = Qwen2VLVideoProcessor()
+    video = video_processor_kwargs(Qwen2VLProcessor, "Qwen2VLVideoProcessor")
     with tempfile.TemporaryDirectory() as tok_dir:
         ids = write_qwen_tokenizer(tok_dir)
         tokenizer = Qwen2TokenizerFast.from_pretrained(tok_dir)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import msgspec
-
-from editstack.codec import Limits
+from editstack.service import LimitSettings
 
 from editstack_scorer.rubric import DEFAULT_RUBRIC
 
 EMBEDDED_MODEL = "embedded-tiny"
 
 
-class ScorerSettings(msgspec.Struct, frozen=True):
+class ScorerSettings(LimitSettings, frozen=True):
     """SCORER_<FIELD> for each field, e.g. SCORER_MODEL=Qwen/Qwen3-VL-8B-Instruct, SCORER_DEVICE=cuda:0."""
 
     model: str = EMBEDDED_MODEL  # a model id or folder, or "embedded-tiny"
@@ -26,10 +24,3 @@ class ScorerSettings(msgspec.Struct, frozen=True):
     generate_retries: int = 2  # generate mode: extra attempts after an unparseable reply
     threads: int = 0  # torch CPU threads; 0 = torch's default (all cores; two services on one CPU should share)
     tiny_dir: str = "~/.cache/editstack/models/tiny-qwen3-vl"  # where embedded-tiny is built
-    max_message_bytes: int = Limits.max_message_bytes
-    max_image_px: int = Limits.max_image_px
-    max_batch: int = Limits.max_batch
-
-    @property
-    def limits(self) -> Limits:
-        return Limits(self.max_message_bytes, self.max_image_px, self.max_batch)

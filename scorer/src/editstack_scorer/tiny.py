@@ -61,14 +61,9 @@ def _write(folder: Path, size: str) -> dict[str, object]:
         Qwen3VLProcessor,
     )
 
-    from editstack.tinymodels import drop_video_processor, write_qwen_tokenizer
+    from editstack.tinymodels import video_processor_kwargs, write_qwen_tokenizer
 
-    video = {}
-    if not drop_video_processor(Qwen3VLProcessor):
-        # torchvision works here (GPU images): the processor then insists on its video sub-processor
-        from transformers import Qwen3VLVideoProcessor
-
-        video["video_processor"] = Qwen3VLVideoProcessor()
+    video = video_processor_kwargs(Qwen3VLProcessor, "Qwen3VLVideoProcessor")
     ids = write_qwen_tokenizer(folder, chat_template=CHAT_TEMPLATE)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     # the PIL backend needs no torchvision; the numbers are those of Qwen3-VL-*-Instruct's preprocessor

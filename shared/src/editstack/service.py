@@ -26,6 +26,18 @@ log = logging.getLogger(__name__)
 S = TypeVar("S", bound=msgspec.Struct)
 
 
+class LimitSettings(msgspec.Struct, frozen=True):
+    """The limits every service enforces, as <PREFIX>MAX_* settings; a service's settings extend it."""
+
+    max_message_bytes: int = Limits.max_message_bytes
+    max_image_px: int = Limits.max_image_px
+    max_batch: int = Limits.max_batch
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_message_bytes, self.max_image_px, self.max_batch)
+
+
 def settings_from_env(cls: type[S], prefix: str, environ: Mapping[str, str] | None = None) -> S:
     """`cls` filled from PREFIX_FIELD variables (FIELD upper-cased), typed and checked by msgspec."""
     environ = os.environ if environ is None else environ

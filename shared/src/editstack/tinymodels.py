@@ -103,6 +103,17 @@ def drop_video_processor(*processor_classes: type) -> bool:
     return True
 
 
+def video_processor_kwargs(processor_class: type, video_processor_class: str) -> dict[str, Any]:
+    """What building a `processor_class` here needs for its video part: a default
+    `video_processor_class` (a transformers class name) where torchvision works, since the processor
+    then insists on one; nothing where it does not (the sub-processor is dropped from the class)."""
+    if drop_video_processor(processor_class):
+        return {}
+    import transformers
+
+    return {"video_processor": getattr(transformers, video_processor_class)()}
+
+
 def build_model_folder(out_dir: str | Path, write: Callable[[Path], dict[str, Any]]) -> Path:
     """Build a tiny model into `out_dir` atomically and return it.
 
