@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from editstack.errors import EditstackError
-from editstack.transport import Client
+from editstack.wire.transport import Client
 
 
 class ServiceProcess:
@@ -111,7 +111,7 @@ def start_echo(start_service) -> Iterator:
     """start_echo(*extra_args, name="echo", wait=True) -> a ready echo service process."""
 
     def start(*extra: str, name: str = "echo", wait: bool = True) -> ServiceProcess:
-        return start_service(name, [sys.executable, "-m", "editstack.echo", "{endpoint}", *extra], wait=wait,
+        return start_service(name, [sys.executable, "-m", "editstack.service.echo", "{endpoint}", *extra], wait=wait,
                              timeout_s=30)
 
     return start

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from editstack.codec import Blobs, Limits, as_rgb, decode_reply, decode_request, encode, encode_png, read_image
+from editstack.wire.codec import Blobs, Limits, as_rgb, decode_reply, decode_request, encode, encode_png, read_image
 from editstack.errors import ImageError, LimitExceeded, ProtocolError
-from editstack.protocol import PROTOCOL_VERSION, EditItem, EditReply, EditRequest, EditResult, ImageRef, Ping
+from editstack.wire.protocol import PROTOCOL_VERSION, EditItem, EditReply, EditRequest, EditResult, ImageRef, Ping
 
 LIMITS = Limits()
 

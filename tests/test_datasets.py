@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from editstack.datasets import (
+from editstack.runner.datasets import (
+    MANIFEST_NAME,
     DatasetError,
     Item,
     Problem,
@@ -23,7 +24,7 @@ from editstack.datasets import (
     load_manifest,
     select,
 )
-from editstack.sample import SAMPLE_VERSION, write_sample
+from editstack.runner.sample import SAMPLE_VERSION, write_sample
 
 
 def png_bytes(colour: tuple[int, int, int] = (200, 30, 30), size: int = 16) -> bytes:
@@ -58,8 +59,8 @@ def sample_items(tmp_path_factory: pytest.TempPathFactory) -> list[Item]:
 # ---- the sample benchmark ----------------------------------------------------------------------
 
 def test_sample_is_byte_identical_across_writes(tmp_path: Path) -> None:
-    first = write_sample(tmp_path / "a").parent
-    second = write_sample(tmp_path / "b").parent
+    first = write_sample(tmp_path / "a", MANIFEST_NAME).parent
+    second = write_sample(tmp_path / "b", MANIFEST_NAME).parent
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
     assert len(files) > 10
@@ -81,14 +82,14 @@ def test_sample_has_six_categories_of_four_items_in_english_and_chinese(sample_i
 
 
 def test_sample_is_not_rewritten_while_its_version_marker_matches(tmp_path: Path) -> None:
-    manifest = write_sample(tmp_path)
+    manifest = write_sample(tmp_path, MANIFEST_NAME)
     image = next((tmp_path / "images").glob("*.png"))
     image.write_bytes(b"changed by hand")
-    assert write_sample(tmp_path) == manifest
+    assert write_sample(tmp_path, MANIFEST_NAME) == manifest
     assert image.read_bytes() == b"changed by hand"
 
     (tmp_path / ".editstack-sample").write_text("editstack sample benchmark, version 0\n")
-    write_sample(tmp_path)
+    write_sample(tmp_path, MANIFEST_NAME)
     assert image.read_bytes().startswith(b"\x89PNG")
 
 

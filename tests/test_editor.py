@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from editstack.codec import Blobs, Limits, encode_png, read_image
+from editstack.wire.codec import Blobs, Limits, encode_png, read_image
 from editstack.errors import EditstackError
-from editstack.protocol import EditItem, EditParams, EditRequest, ImageRef
-from editstack.transport import Client
+from editstack.wire.protocol import EditItem, EditParams, EditRequest, ImageRef
+from editstack.wire.transport import Client
 
 from conftest import build_tiny_model, service_python
 
@@ -69,7 +69,8 @@ def test_ping_reports_loading_then_ready_with_model_and_library_versions(start_e
     assert states[0] == "loading" and states[-1] == "ready"
     assert status.service == "editor" and status.model == "embedded-tiny" and status.workers == 1
     assert status.versions["diffusers"] == "0.39.0" and status.versions["transformers"] == "4.57.6"
-    assert status.details["embedded_tiny"] == "true" and status.details["pipeline_class"] == "QwenImageEditPipeline"
+    assert status.embedded_tiny and status.backend == "diffusers/QwenImageEditPipeline"
+    assert status.dtype == "float32" and status.devices == ["cpu"] and status.edit_defaults.steps == 4
 
 
 def test_batch_edit_gives_requested_size_and_is_deterministic_per_seed(start_editor) -> None:
@@ -90,7 +91,8 @@ def test_batch_edit_gives_requested_size_and_is_deterministic_per_seed(start_edi
 def test_identity_backend_returns_the_source_bytes_exactly(start_editor) -> None:
     service = start_editor(model="identity")
     with Client(service.endpoint, timeout_s=30) as client:
-        assert client.ping().details["embedded_tiny"] == "false"
+        status = client.ping()
+        assert not status.embedded_tiny and status.backend == "identity"
         reply, received = _edit(client, [SOURCE], seeds=[0], size=None)
     assert bytes(received[reply.items[0].image.frame]) == SOURCE.tobytes()
 

@@ -13,55 +13,71 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from PIL import Image
 
 from editstack.errors import RunFolderError
-from editstack.report import TINY_BANNER, write_reports
+from editstack.runner.config import RunConfig
+from editstack.runner.report import TINY_BANNER, write_reports
+from editstack.runner.runfolder import (
+    SCHEMA_VERSION,
+    DatasetInfo,
+    EditOutcome,
+    EmbeddedTiny,
+    Failure,
+    ItemRecord,
+    JudgeIdentity,
+    Manifest,
+    RubricInfo,
+    RunParams,
+    write_manifest,
+)
+from editstack.wire.protocol import Identity, Status, Verdict
 
 AGGREGATION = "overall = sqrt(sc * pq)"
 LONG_MESSAGE = "judge reply did not parse: " + "x" * 1000
+EDITOR = Identity(model="Qwen/Qwen-Image-Edit", revision="abc123", dtype="bfloat16", backend="diffusers/QwenImageEditPipeline")
+JUDGE = JudgeIdentity(model="Qwen/Qwen3-VL-8B-Instruct", revision="abc123", dtype="bfloat16",
+                      backend="transformers/Qwen3VLForConditionalGeneration", rubric_id="viescore", rubric_version="1",
+                      mode="logits")
 
 
-def _status(service: str, model: str, versions: dict[str, str]) -> dict[str, Any]:
-    return {"op": "status", "service": service, "state": "ready", "model": model, "revision": "abc123",
-            "device": "cpu", "protocol": "editstack/1", "versions": versions, "workers": 1, "details": {}, "error": ""}
+def _status(service: str, identity: Identity, versions: dict[str, str]) -> Status:
+    return Status(service=service, state="ready", model=identity.model, revision=identity.revision,
+                  dtype=identity.dtype, backend=identity.backend, devices=["cuda:0"], versions=versions, workers=1)
 
 
 def _record(item_id: str, category: str, status: str, *, sc: float | None = None, pq: float | None = None,
             error: tuple[str, str, str] | None = None, edit_path: str | None = None,
-            aggregation: str = AGGREGATION, source: Path) -> dict[str, Any]:
-    """A results.jsonl record shaped like the runner's: scored (sc, pq) or failed at a stage (error)."""
+            aggregation: str = AGGREGATION, source: Path) -> ItemRecord:
+    """A results.jsonl record as the runner makes it: scored (sc, pq) or failed at a stage (error)."""
     stage, code, message = error or (None, None, None)
     edit_failed = stage == "edit"
     score = None
     if sc is not None and pq is not None:
-        score = {"rubric_id": "viescore", "rubric_version": "1", "mode": "logits",
-                 "sub_scores": {"follows": sc, "natural": pq},
-                 "sc": sc, "pq": pq, "overall": math.sqrt(sc * pq), "aggregation": aggregation, "score_mass": {},
-                 "raw_distributions": {}, "raw_text": [], "attempts": 1, "elapsed_s": 0.1, "notes": []}
-    elif stage == "score":  # the scorer's item error comes back as a score without numbers
-        score = {"rubric_id": "viescore", "rubric_version": "1", "mode": "logits", "sub_scores": {}, "sc": None,
-                 "pq": None, "overall": None, "aggregation": "", "error": {"code": code, "message": message, "raw": []}}
-    return {
-        "id": item_id, "category": category, "language": "en",
-        "instruction": f"edit {item_id} <nicely> & well\u2028(line separator)",
-        "source": str(source), "status": status,
-        "edit": {"status": "failed" if edit_failed else "ok",
-                 "path": None if edit_failed else (edit_path or f"edits/{category}/{item_id}.png"),
-                 "elapsed_s": 0.5, "seed": 7, "notes": [],
-                 "error": {"code": code, "message": message} if edit_failed else None},
-        "score": score,
-        "error": {"stage": stage, "code": code, "message": message} if stage else None,
-        "finished_at": "2025-01-01T00:10:00+00:00",
-    }
+        score = Verdict(rubric_id="viescore", rubric_version="1", mode="logits", sub_scores={"follows": sc, "natural": pq},
+                        sc=sc, pq=pq, overall=math.sqrt(sc * pq), aggregation=aggregation, attempts=1)
+    return ItemRecord(
+        schema=SCHEMA_VERSION, id=item_id, category=category, language="en",
+        instruction=f"edit {item_id} <nicely> & well\u2028(line separator)", sources=[str(source)], status=status,
+        edit=EditOutcome(status="failed" if edit_failed else "ok",
+                         path=None if edit_failed else (edit_path or f"edits/{category}/{item_id}.png"), seed=7),
+        score=score, error=Failure(stage=stage, code=code, message=message) if stage else None,
+        editor=EDITOR, judge=JUDGE if stage != "edit" else None, finished_at="2025-01-01T00:10:00+00:00",
+    )
+
+
+def _line(record: ItemRecord | dict[str, Any]) -> str:
+    """A journal line as the runner writes it (UTF-8, U+2028 raw inside the line)."""
+    return msgspec.json.encode(record).decode()
 
 
 def _fake_run(root: Path, *, tiny_editor: bool = False, tiny_scorer: bool = False,
               extra_lines: list[str] | None = None) -> Path:
     """A fake run folder for testing the report: three categories, scored and failed items, a
     superseded record, a missing edit file and a results.jsonl whose last line a crash tore; every
-    instruction holds a raw U+2028, as json.dumps(ensure_ascii=False) writes it.
+    instruction holds a raw U+2028, as the runner writes it.
 
         color  c1 scored (4, 6)   c2 scored (8, 10)   c3 failed at score
         style  s1 failed at edit
@@ -77,31 +93,27 @@ def _fake_run(root: Path, *, tiny_editor: bool = False, tiny_scorer: bool = Fals
         path = run / "edits" / category / f"{item_id}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (300, 600), (40, 40, 200)).save(path)
-    manifest = {
-        "editstack_version": "0.1.0", "git_commit": "0123456789abcdef", "started_at": "2025-01-01T00:00:00+00:00",
-        "finished_at": "2025-01-01T01:02:03+00:00", "dataset": {"spec": "sample", "items": 6, "problems": []},
-        "config": {"dataset": "sample"},
-        "editors": [_status("editor", "Qwen/Qwen-Image-Edit",
-                            {"diffusers": "0.35.1", "transformers": "4.57.1", "torch": "2.8.0"})],
-        "scorer": _status("scorer", "Qwen/Qwen3-VL-8B-Instruct", {"transformers": "5.0.0", "torch": "2.8.0"}),
-        "rubric": {"id": "viescore", "version": "1"},
-        "params": {"steps": 4, "guidance": None, "negative_prompt": None, "seed": 0},
-        "embedded_tiny": {"editor": tiny_editor, "scorer": tiny_scorer},
-    }
-    (run / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(run, Manifest(
+        schema=SCHEMA_VERSION, editstack_version="0.1.0", git_commit="0123456789abcdef",
+        started_at="2025-01-01T00:00:00+00:00", finished_at="2025-01-01T01:02:03+00:00",
+        dataset=DatasetInfo(spec="sample", items=6), config=RunConfig(dataset="sample"),
+        editors=[_status("editor", EDITOR, {"diffusers": "0.35.1", "transformers": "4.57.1", "torch": "2.8.0"})],
+        scorer=_status("scorer", JUDGE, {"transformers": "5.0.0", "torch": "2.8.0"}),
+        rubric=RubricInfo("viescore", "1"), params=RunParams(steps=4, seed=0, seed_rule="test"),
+        embedded_tiny=EmbeddedTiny(editor=tiny_editor, scorer=tiny_scorer),
+    ))
     records = [
         _record("c1", "color", "scored", sc=4, pq=6, source=source),
         _record("z2", "zoom", "failed", error=("edit", "service_unavailable", "editor gone"), source=source),
         _record("c2", "color", "scored", sc=8, pq=10, source=source),
-        _record("c3", "color", "failed", error=("score", "bad_reply", LONG_MESSAGE), source=source),
+        _record("c3", "color", "failed", error=("score", "unparseable_reply", LONG_MESSAGE), source=source),
         _record("s1", "style", "failed", error=("edit", "bad_image", "item 's1' field 'source': unreadable"), source=source),
         _record("z1", "zoom", "scored", sc=2, pq=4, source=source),
         _record("z2", "zoom", "scored", sc=10, pq=10, source=source),  # the retry: replaces the failure above
     ]
-    # ensure_ascii=False as the runner writes: U+2028 stays raw inside a line
-    lines = [json.dumps(r, ensure_ascii=False) for r in records] + (extra_lines or [])
-    torn = json.dumps(_record("z3", "zoom", "scored", sc=1, pq=1, source=source))[:40]
-    (run / "results.jsonl").write_text("\n".join(lines) + "\n" + torn)
+    lines = [_line(r) for r in records] + (extra_lines or [])
+    torn = _line(_record("z3", "zoom", "scored", sc=1, pq=1, source=source))[:40]
+    (run / "results.jsonl").write_text("\n".join(lines) + "\n" + torn, encoding="utf-8")
     return run
 
 
@@ -135,13 +147,14 @@ def test_markdown_report_tables_models_and_failed_items(tmp_path: Path) -> None:
     assert "| style | 1 | 0 | 1 | – | – | – |" in text
     assert "| **ALL** | 6 | 4 | 2 | 6.00 | 7.50 |" in text
     assert f"**Aggregation**: {AGGREGATION}" in text
-    assert "Qwen/Qwen-Image-Edit@abc123 on cpu" in text and "diffusers 0.35.1, transformers 4.57.1, torch 2.8.0" in text
+    assert "Qwen/Qwen-Image-Edit@abc123 (diffusers/QwenImageEditPipeline, bfloat16) on cuda:0" in text
+    assert "diffusers 0.35.1, transformers 4.57.1, torch 2.8.0" in text
     assert "Qwen/Qwen3-VL-8B-Instruct@abc123" in text and "transformers 5.0.0" in text
     assert "**Rubric**: viescore 1" in text and "**Judge mode**: logits" in text
     assert "(1h 02m 03s)" in text
     failed = text.split("## Failed items (2)")[1]
     assert "| s1 | style | edit | bad_image |" in failed
-    assert "| c3 | color | score | bad_reply | judge reply did not parse: xxx" in failed
+    assert "| c3 | color | score | unparseable_reply | judge reply did not parse: xxx" in failed
     assert "x" * 300 not in failed, "a long failure message is cut"
     assert "z2" not in failed, "a retried item that then scored is not a failure"
     assert TINY_BANNER not in text
@@ -149,7 +162,7 @@ def test_markdown_report_tables_models_and_failed_items(tmp_path: Path) -> None:
 
 def test_records_that_disagree_on_the_aggregation_rule_are_reported(tmp_path: Path) -> None:
     other = _record("s2", "style", "scored", sc=5, pq=5, aggregation="overall = min(sc, pq)", source=tmp_path / "x.png")
-    run = _fake_run(tmp_path, extra_lines=[json.dumps(other)])
+    run = _fake_run(tmp_path, extra_lines=[_line(other)])
     text = write_reports(run).markdown.read_text()
     assert f"**Aggregation**: records disagree: {AGGREGATION} (4 item(s)); overall = min(sc, pq) (1 item(s))" in text
     meta = json.loads((run / "summary.meta.json").read_text())
@@ -183,7 +196,7 @@ def test_html_gallery_is_self_contained_with_thumbnails_and_a_placeholder_for_a_
         with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as thumb:
             assert max(thumb.size) == 256 and {thumb.size} <= {(256, 128), (128, 256)}
     assert "edit c1 &lt;nicely&gt; &amp; well" in page, "text is escaped"
-    assert "failed at score: bad_reply" in page and "SC <b>4.00</b> · PQ <b>6.00</b>" in page
+    assert "failed at score: unparseable_reply" in page and "SC <b>4.00</b> · PQ <b>6.00</b>" in page
     assert page.index("<h2>color</h2>") < page.index("<h2>style</h2>") < page.index("<h2>zoom</h2>")
     assert page.index("mean overall") < page.index("<h2>color</h2>"), "the summary table comes first"
 
@@ -201,8 +214,8 @@ def test_torn_last_line_is_ignored_but_a_bad_middle_line_is_reported(tmp_path: P
 
 
 def test_scored_record_without_a_score_is_a_problem_never_a_number(tmp_path: Path) -> None:
-    bad = _record("c9", "color", "scored", source=tmp_path / "x.png")  # status scored, score null
-    run = _fake_run(tmp_path, extra_lines=[json.dumps(bad)])
+    bad = msgspec.to_builtins(_record("c9", "color", "scored", sc=1, pq=1, source=tmp_path / "x.png")) | {"score": None}
+    run = _fake_run(tmp_path, extra_lines=[_line(bad)])
     write_reports(run)
     assert _summary(run)["color"]["items"] == 3
     [problem] = json.loads((run / "summary.meta.json").read_text())["journal"]["problems"]
@@ -234,10 +247,10 @@ def test_reports_are_written_atomically_and_rewritten_identically(tmp_path: Path
 
 def test_command_rewrites_the_reports_of_a_run_folder(tmp_path: Path) -> None:
     run = _fake_run(tmp_path)
-    done = subprocess.run([sys.executable, "-m", "editstack.report", str(run)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "editstack.runner.report", str(run)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert (run / "report.html").is_file() and str(run / "report.md") in done.stdout
-    refused = subprocess.run([sys.executable, "-m", "editstack.report", str(tmp_path / "data")],
+    refused = subprocess.run([sys.executable, "-m", "editstack.runner.report", str(tmp_path / "data")],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "manifest.json: not found" in refused.stderr
 
@@ -249,7 +262,7 @@ def test_folder_without_a_manifest_is_refused(tmp_path: Path) -> None:
 
 def test_items_edited_but_not_scored_count_in_items_only(tmp_path: Path) -> None:
     edited = _record("c4", "color", "edited", source=tmp_path / "x.png")
-    run = _fake_run(tmp_path, extra_lines=[json.dumps(edited)])
+    run = _fake_run(tmp_path, extra_lines=[_line(edited)])
     paths = write_reports(run)
     color = _summary(run)["color"]
     assert (color["items"], color["scored"], color["failed"], color["sc_mean"]) == (4, 2, 1, 6.0)

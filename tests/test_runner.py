@@ -19,7 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from editstack.datasets import load_dataset, select
+from editstack.runner.datasets import load_dataset, select
 
 from conftest import ServiceProcess, service_python
 
@@ -61,8 +61,8 @@ def _config(tmp_path: Path, services: dict, **overrides) -> Path:
     config = {
         "dataset": "sample",
         "run_dir": str(tmp_path / "run"),
-        "editor": {"endpoints": [services["editor"]], "batch_size": 4, "timeout_s": 60, "deadline_s": 60},
-        "scorer": {"endpoint": services["scorer"], "batch_size": 4, "timeout_s": 60, "deadline_s": 60},
+        "editor": {"endpoints": [services["editor"]], "items_per_request": 4, "timeout_s": 60, "deadline_s": 60},
+        "scorer": {"endpoint": services["scorer"], "items_per_request": 4, "timeout_s": 60, "deadline_s": 60},
     }
     for key, value in overrides.items():
         section, _, name = key.partition("__")
@@ -77,14 +77,14 @@ def _config(tmp_path: Path, services: dict, **overrides) -> Path:
 
 def _run(config: Path, *flags: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "XDG_CACHE_HOME": str(config.parent / "cache")}
-    return subprocess.run([sys.executable, "-m", "editstack.cli", "run", "--config", str(config), *flags],
+    return subprocess.run([sys.executable, "-m", "editstack.runner.cli", "run", "--config", str(config), *flags],
                           capture_output=True, text=True, timeout=timeout_s, env=env)
 
 
 def _start(config: Path, **popen) -> subprocess.Popen:
     """The runner as a background process (for tests that kill something under it)."""
     env = {**os.environ, "XDG_CACHE_HOME": str(config.parent / "cache")}
-    return subprocess.Popen([sys.executable, "-m", "editstack.cli", "run", "--config", str(config)], env=env, **popen)
+    return subprocess.Popen([sys.executable, "-m", "editstack.runner.cli", "run", "--config", str(config)], env=env, **popen)
 
 
 def _wait_for_records(run_dir: Path, count: int, timeout_s: float = 120) -> None:
@@ -112,6 +112,9 @@ def test_full_run_of_the_sample_writes_every_artefact_with_every_item_scored(tmp
         assert (run / record["edit"]["path"]).is_file()
         assert Image.open(run / record["edit"]["path"]).size == (64, 64)
         assert 0 <= record["score"]["overall"] <= 10 and record["score"]["raw"]
+        assert record["schema"] == 1 and record["editor"]["backend"] == "diffusers/QwenImageEditPipeline"
+        assert record["editor"]["embedded_tiny"] and record["judge"]["embedded_tiny"]
+        assert (record["judge"]["rubric_id"], record["judge"]["rubric_version"]) == ("viescore", "1")
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["editors"][0]["versions"]["diffusers"] == "0.39.0"
     assert manifest["scorer"]["versions"]["transformers"].startswith("5.")
@@ -141,7 +144,7 @@ def test_categories_filter_in_chinese_runs_only_physics(tmp_path, services) -> N
 
 
 def test_runner_killed_with_sigkill_resumes_to_a_complete_run_with_each_item_once(tmp_path, services) -> None:
-    config = _config(tmp_path, services, editor__batch_size=2, scorer__batch_size=2)
+    config = _config(tmp_path, services, editor__items_per_request=2, scorer__items_per_request=2)
     runner = _start(config, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_records(tmp_path / "run", 4)
     runner.send_signal(signal.SIGKILL)
@@ -157,8 +160,8 @@ def test_runner_killed_with_sigkill_resumes_to_a_complete_run_with_each_item_onc
 def test_scorer_killed_and_restarted_mid_run_loses_and_duplicates_nothing(tmp_path, services) -> None:
     scorer = _scorer_process(services["home"] / "flaky.sock", services["models"]).start()
     scorer.wait_ready(120)
-    config = _config(tmp_path, {**services, "scorer": scorer.endpoint}, scorer__batch_size=2, scorer__timeout_s=5,
-                     scorer__deadline_s=120)
+    config = _config(tmp_path, {**services, "scorer": scorer.endpoint}, scorer__items_per_request=2,
+                     scorer__timeout_s=5, scorer__deadline_s=120)
     runner = _start(config, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for_records(tmp_path / "run", 2)
     scorer.stop(signal.SIGKILL)
@@ -178,7 +181,7 @@ def test_scorer_killed_and_restarted_mid_run_loses_and_duplicates_nothing(tmp_pa
 def test_scorer_gone_for_good_records_failures_writes_the_report_and_exits_non_zero(tmp_path, services) -> None:
     scorer = _scorer_process(services["home"] / "doomed.sock", services["models"]).start()
     scorer.wait_ready(120)
-    config = _config(tmp_path, {**services, "scorer": scorer.endpoint}, limit=8, scorer__batch_size=2,
+    config = _config(tmp_path, {**services, "scorer": scorer.endpoint}, limit=8, scorer__items_per_request=2,
                      scorer__timeout_s=2, scorer__retries=0, scorer__deadline_s=4)
     runner = _start(config, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for_records(tmp_path / "run", 1)

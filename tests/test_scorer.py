@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from editstack.codec import Blobs
-from editstack.protocol import ScoreItem, ScoreRequest
-from editstack.transport import Client
+from editstack.wire.codec import Blobs
+from editstack.wire.protocol import ScoreItem, ScoreRequest
+from editstack.wire.transport import Client
 
 from conftest import build_tiny_model, service_python
 
@@ -49,8 +49,11 @@ def test_ping_reports_transformers_5_and_the_rubric(scorer) -> None:
     status = scorer.ping()
     assert status.service == "scorer" and status.state == "ready"
     assert status.versions["transformers"].startswith("5.")
-    assert status.details["rubric_id"] == "viescore" and status.details["rubric_version"] == "1"
-    assert "overall = sqrt(sc * pq)" in status.details["aggregation"]
+    defaults = status.score_defaults
+    assert defaults.rubric_id == "viescore" and defaults.rubric_version == "1" and defaults.mode == "logits"
+    assert "overall = sqrt(sc * pq)" in defaults.aggregation
+    assert status.embedded_tiny and status.backend == "transformers/Qwen3VLForConditionalGeneration"
+    assert status.dtype == "float32" and status.devices == ["cpu"]
 
 
 def test_logits_scores_are_bounded_reproducible_and_batch_equals_one_by_one(scorer) -> None:
@@ -58,8 +61,9 @@ def test_logits_scores_are_bounded_reproducible_and_batch_equals_one_by_one(scor
     batch = _score(scorer, pairs, INSTRUCTIONS, mode="logits")
     again = _score(scorer, pairs, INSTRUCTIONS, mode="logits")
     alone = [_score(scorer, [pair], [instruction], mode="logits")[0] for pair, instruction in zip(pairs, INSTRUCTIONS, strict=True)]
-    for result, repeat, single in zip(batch, again, alone, strict=True):
-        assert result.error is None and result.mode == "logits" and result.rubric_id == "viescore"
+    for result, repeat, single in zip((r.verdict for r in batch), (r.verdict for r in again),
+                                      (r.verdict for r in alone), strict=True):
+        assert result.mode == "logits" and result.rubric_id == "viescore"
         scores = [*result.sub_scores.values(), result.sc, result.pq, result.overall]
         assert len(result.sub_scores) == 4 and all(0.0 <= s <= 10.0 for s in scores)
         assert result.sc == min(result.sub_scores["instruction_followed"], result.sub_scores["not_over_edited"])
@@ -76,7 +80,7 @@ def test_generate_mode_with_the_tiny_judge_fails_items_and_keeps_the_raw_reply(s
     for result in results:
         assert result.error is not None and result.error.code == "unparseable_reply"
         assert "unparseable judge reply" in result.error.message and result.error.raw
-        assert result.sc is None and result.pq is None and result.overall is None and result.sub_scores == {}
+        assert result.verdict is None
 
 
 def test_each_bad_input_gets_its_item_error_and_the_next_request_succeeds(scorer) -> None:
@@ -92,11 +96,11 @@ def test_each_bad_input_gets_its_item_error_and_the_next_request_succeeds(scorer
     assert "'item-1' field 'edited'" in results[1].error.message and "over the limit" in results[1].error.message
     assert "'item-2' field 'edited'" in results[2].error.message
     assert "'item-4'" in results[4].error.message
-    assert all(r.overall is None for r in results[:5])
+    assert all(r.verdict is None for r in results[:5])
 
     for request, field in (({"rubric": "nope"}, "rubric"), ({"mode": "vibes"}, "mode")):
         [result] = _score(scorer, [(SOURCE, EDITED[0])], ["x"], **request)
         assert result.error.code == "bad_param" and f"field '{field}'" in result.error.message
         assert "viescore" in result.error.message or "logits" in result.error.message
     [result] = _score(scorer, [(SOURCE, EDITED[0])], ["make the sky blue"])
-    assert result.error is None and result.overall is not None
+    assert result.error is None and result.verdict is not None

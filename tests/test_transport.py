@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import zmq
 
-from editstack.codec import Blobs, Limits, decode_reply, encode, encode_png, read_image
-from editstack.transport import Client
+from editstack.wire.codec import Blobs, Limits, decode_reply, encode, encode_png, read_image
+from editstack.wire.transport import Client
 from editstack.errors import RemoteError, ServiceUnavailable
-from editstack.protocol import PROTOCOL_VERSION, EditItem, EditReply, EditRequest, ErrorReply, ImageRef, Ping
+from editstack.wire.protocol import PROTOCOL_VERSION, EditItem, EditReply, EditRequest, ErrorReply, ImageRef, Ping
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
 

@@ -21,9 +21,9 @@ from contextlib import ExitStack
 
 import numpy as np
 
-from editstack.codec import Blobs, Limits, read_image
-from editstack.protocol import EditItem, EditRequest
-from editstack.transport import Client
+from editstack.wire.codec import Blobs, Limits, read_image
+from editstack.wire.protocol import EditItem, EditRequest
+from editstack.wire.transport import Client
 
 from harness import (Service, build_tiny, cold_starts, load_average, machine, measure, print_times, short_dir,
                      torch_threads)

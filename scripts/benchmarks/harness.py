@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from editstack.errors import EditstackError
-from editstack.transport import Client
+from editstack.wire.transport import Client
 
 
 def free_port() -> int:

@@ -3,7 +3,7 @@
 The editor and the scorer run as processes on their embedded tiny models, one torch thread each
 (OMP_NUM_THREADS=1; --threads), so that on a 2-core machine each stage has a core of its own: torch's
 OpenMP threads slow down severalfold when another busy process shares their cores. The runner
-(`python -m editstack.cli run`, a process of its own) runs, into fresh run folders, round by round:
+(`python -m editstack.runner.cli run`, a process of its own) runs, into fresh run folders, round by round:
   pipelined   a normal run: batch k is scored while batch k+1 is edited
   sequential  `--only edit`, then `--only score --edits <that run folder>`
 The figures come from each run's manifest.json "timings": wall_s (the runner's edit and score stages,
@@ -36,7 +36,7 @@ def _runner(config: Path, run_dir: Path, *flags: str) -> dict[str, float]:
     """One `editstack run` into `run_dir`; its manifest's timings. Fails loudly unless every item passed."""
     log = run_dir.with_suffix(".log")
     with open(log, "wb") as out:
-        done = subprocess.run([sys.executable, "-m", "editstack.cli", "run", "--config", str(config),
+        done = subprocess.run([sys.executable, "-m", "editstack.runner.cli", "run", "--config", str(config),
                                "--run-dir", str(run_dir), *flags], stdout=out, stderr=subprocess.STDOUT,
                               env={**os.environ, "XDG_CACHE_HOME": str(config.parent / "cache")}, timeout=1800)
     if done.returncode:
@@ -71,9 +71,9 @@ def main() -> None:
         config = tmp / "bench.yaml"
         config.write_text(yaml.safe_dump({
             "dataset": "sample", "limit": args.items,
-            "editor": {"endpoints": [editor.endpoint], "batch_size": args.edit_batch, "steps": args.steps,
+            "editor": {"endpoints": [editor.endpoint], "items_per_request": args.edit_batch, "steps": args.steps,
                        "width": args.side, "height": args.side},
-            "scorer": {"endpoint": scorer.endpoint, "batch_size": args.score_batch, "mode": "logits"},
+            "scorer": {"endpoint": scorer.endpoint, "items_per_request": args.score_batch, "mode": "logits"},
         }))
         # warm-up: writes the sample and takes both services' first-request costs out of the rounds
         _runner(config, tmp / "warm-up", "--limit", str(args.edit_batch))

@@ -24,9 +24,9 @@ from contextlib import ExitStack
 
 import numpy as np
 
-from editstack.codec import Blobs
-from editstack.protocol import ScoreItem, ScoreRequest, ScoreResult
-from editstack.transport import Client
+from editstack.wire.codec import Blobs
+from editstack.wire.protocol import ScoreItem, ScoreRequest, ScoreResult
+from editstack.wire.transport import Client
 
 from harness import (Service, build_tiny, cold_starts, load_average, machine, measure, print_times, short_dir,
                      torch_threads)

@@ -26,10 +26,10 @@ import numpy as np
 import zmq
 from PIL import Image
 
-from editstack.codec import Blobs, Limits, read_image
-from editstack.echo import EchoWorker
-from editstack.protocol import EditItem, EditRequest
-from editstack.transport import Client
+from editstack.wire.codec import Blobs, Limits, read_image
+from editstack.service.echo import EchoWorker
+from editstack.wire.protocol import EditItem, EditRequest
+from editstack.wire.transport import Client
 
 from harness import Service, free_port, load_average, machine, measure, print_times, short_dir
 
@@ -80,7 +80,7 @@ def main() -> None:
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         for endpoint in (ipc, tcp):
-            stack.enter_context(Service([sys.executable, "-m", "editstack.echo", endpoint], endpoint)).wait_ready(60)
+            stack.enter_context(Service([sys.executable, "-m", "editstack.service.echo", endpoint], endpoint)).wait_ready(60)
         stack.enter_context(Service([sys.executable, "-c", FLOOR_SERVER, floor], floor))  # no ping: a bare echo
         ipc_client = stack.enter_context(Client(ipc, timeout_s=60))
         tcp_client = stack.enter_context(Client(tcp, timeout_s=60))

@@ -8,25 +8,30 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from editstack.protocol import Status
-from editstack.service import embedded_model, package_versions, run_service, settings_from_env, tiny_details
-from editstack.transport import Server
+from editstack.service.process import embedded_model, is_tiny_model, package_versions, run_service
+from editstack.service.settings import settings_from_env
+from editstack.wire.protocol import EditDefaults, Status
+from editstack.wire.transport import Server
 
 from editstack_editor.settings import EMBEDDED_MODEL, IDENTITY_MODEL, EditorSettings
 from editstack_editor.worker import EditorWorker, IdentityBackend
 
 
-def _loader(settings: EditorSettings, device: str) -> Callable[[], EditorWorker]:
+def _loader(settings: EditorSettings, device: str, loaded: list[EditorWorker]) -> Callable[[], EditorWorker]:
     def load() -> EditorWorker:
         if settings.model == IDENTITY_MODEL:
-            return EditorWorker(IdentityBackend(), settings)
-        from editstack_editor import tiny
-        from editstack_editor.pipeline import DiffusersEditor  # the one module that imports torch
+            worker = EditorWorker(IdentityBackend(), settings)
+        else:
+            from editstack_editor import tiny
+            from editstack_editor.pipeline import DiffusersEditor  # the one module that imports torch
 
-        model = embedded_model(settings.tiny_dir, tiny.build) if settings.model == EMBEDDED_MODEL else settings.model
-        backend = DiffusersEditor(model, settings.revision or None, device, settings.dtype,
-                                  settings.condition_cap_px, batch_size=settings.batch_size, threads=settings.threads)
-        return EditorWorker(backend, settings)
+            model = embedded_model(settings.tiny_dir, tiny.build) if settings.model == EMBEDDED_MODEL else settings.model
+            backend = DiffusersEditor(model, settings.revision or None, device, settings.dtype,
+                                      settings.condition_cap_px, batch_size=settings.batch_size,
+                                      threads=settings.threads)
+            worker = EditorWorker(backend, settings)
+        loaded.append(worker)
+        return worker
 
     return load
 
@@ -35,23 +40,20 @@ def main() -> int:
     settings = settings_from_env(EditorSettings, "EDITOR_")
     devices = settings.device_list
     versions = package_versions("torch", "diffusers", "transformers")
-    details = {
-        "dtype": settings.dtype,
-        "steps": str(settings.steps),
-        "guidance": str(settings.guidance),
-        "condition_max_px": str(settings.condition_cap_px or "pipeline default"),
-        "batch_size": str(settings.batch_size),
-        "embedded_tiny": str(settings.model == EMBEDDED_MODEL).lower(),
-    }
+    defaults = EditDefaults(steps=settings.steps, guidance=settings.guidance, negative_prompt=settings.negative_prompt,
+                            width=settings.width or None, height=settings.height or None,
+                            condition_max_px=settings.condition_cap_px, batch_size=settings.batch_size)
+    loaded: list[EditorWorker] = []
 
     def status(server: Server) -> Status:
-        state = "ready" if server.workers == len(devices) else "loading"
-        if settings.model == EMBEDDED_MODEL and state == "ready":
-            details["pipeline_class"] = tiny_details(settings.tiny_dir).get("pipeline_class", "")
-        return Status(service="editor", state=state, model=settings.model, revision=settings.revision,
-                      device=",".join(devices), versions=versions, workers=server.workers, details=details)
+        return Status(service="editor", state="ready" if server.workers == len(devices) else "loading",
+                      model=settings.model, revision=settings.revision, dtype=settings.dtype,
+                      backend=loaded[0].backend.backend if loaded else "",
+                      embedded_tiny=is_tiny_model(settings.model_folder), devices=devices, versions=versions,
+                      workers=server.workers, edit_defaults=defaults)
 
-    return run_service(settings.endpoint, settings.limits, status, [_loader(settings, d) for d in devices])
+    return run_service(settings.endpoint, settings.limits, status,
+                       [_loader(settings, device, loaded) for device in devices])
 
 
 if __name__ == "__main__":

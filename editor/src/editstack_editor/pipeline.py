@@ -1,7 +1,8 @@
 """The editor's model: a diffusers image-edit pipeline, loaded once, turning batches of jobs into images.
 
 The only module of the editor that imports torch and diffusers. A failed item comes back as an
-Exception in its slot of the result list; it never takes its batch neighbours or the process down.
+ItemFailure with its code in its slot of the result list; it never takes its batch neighbours or
+the process down.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import transformers
 from diffusers import DiffusionPipeline
 from transformers import Qwen2VLProcessor
 
-from editstack.tinymodels import drop_video_processor
+from editstack.errors import ItemFailure
+from editstack.service.processors import drop_video_processor
 
 from editstack_editor.worker import EditJob
 
@@ -33,7 +35,7 @@ _BATCHABLE = {"QwenImageEditPipeline": True, "QwenImageEditPlusPipeline": False}
 
 
 class DiffusersEditor:
-    """A Qwen-Image-Edit family pipeline, loaded once; `edit` returns an image or an Exception per job."""
+    """A Qwen-Image-Edit family pipeline, loaded once; `edit` returns an image or an ItemFailure per job."""
 
     def __init__(
         self,
@@ -75,19 +77,20 @@ class DiffusersEditor:
                     model, pipeline_class, revision, device, dtype, time.perf_counter() - started)
 
         self.pipeline_class: str = pipeline_class
+        self.backend = f"diffusers/{pipeline_class}"
         self._pipe = pipe
         self._batch_size = batch_size if _BATCHABLE[pipeline_class] else 1
         # output sides must be multiples of this: both pipelines floor other sizes without a word
         self.size_multiple: int = pipe.vae_scale_factor * 2
 
-    def edit(self, jobs: list[EditJob]) -> list[PIL.Image.Image | Exception]:
-        """Edit each job; one entry per job, in order: the RGB image, or the Exception that names why not."""
-        results: dict[int, PIL.Image.Image | Exception] = {}
+    def edit(self, jobs: list[EditJob]) -> list[PIL.Image.Image | ItemFailure]:
+        """Edit each job; one entry per job, in order: the RGB image, or the ItemFailure that names why not."""
+        results: dict[int, PIL.Image.Image | ItemFailure] = {}
         batches: dict[tuple[object, ...], list[int]] = {}
         for index, job in enumerate(jobs):
             problem = self._problem(job)
             if problem is not None:
-                results[index] = ValueError(problem)
+                results[index] = ItemFailure("bad_param", problem)
             else:
                 batches.setdefault(_batch_key(job), []).append(index)
 
@@ -123,14 +126,14 @@ class DiffusersEditor:
         self._free_memory()
         return None
 
-    def _run_alone(self, job: EditJob) -> PIL.Image.Image | Exception:
+    def _run_alone(self, job: EditJob) -> PIL.Image.Image | ItemFailure:
         try:
             return self._call([job])[0]
         except Exception as exc:
             if isinstance(exc, torch.OutOfMemoryError):
-                failure = RuntimeError(f"out of memory in {self.pipeline_class}: {exc}")
+                failure = ItemFailure("model_error", f"out of memory in {self.pipeline_class}: {exc}")
             else:
-                failure = RuntimeError(f"{self.pipeline_class} failed: {type(exc).__name__}: {exc}")
+                failure = ItemFailure("model_error", f"{self.pipeline_class} failed: {type(exc).__name__}: {exc}")
             logger.warning("edit failed (seed %d, %dx%d, %d steps): %s", job.seed, job.width, job.height, job.steps,
                            failure)
             logger.debug("edit failure traceback", exc_info=True)

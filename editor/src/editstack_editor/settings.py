@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from editstack.service import LimitSettings
+from editstack.service.settings import LimitSettings
 
 EMBEDDED_MODEL = "embedded-tiny"
 IDENTITY_MODEL = "identity"
@@ -38,6 +38,11 @@ class EditorSettings(LimitSettings, frozen=True):
         if self.condition_max_px is None:
             return EMBEDDED_CONDITION_PX if self.model == EMBEDDED_MODEL else None
         return self.condition_max_px or None
+
+    @property
+    def model_folder(self) -> str:
+        """Where the model's files are when it is local: the tiny model's folder for embedded-tiny."""
+        return self.tiny_dir if self.model == EMBEDDED_MODEL else self.model
 
     @property
     def device_list(self) -> list[str]:

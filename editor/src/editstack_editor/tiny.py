@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from editstack.tinymodels import build_model_folder, video_processor_kwargs, write_qwen_tokenizer
+from editstack.service.tinymodels import build_model_folder, video_processor_kwargs, write_qwen_tokenizer
 
 if TYPE_CHECKING:
     from diffusers import QwenImageEditPipeline

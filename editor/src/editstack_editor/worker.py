@@ -14,10 +14,10 @@ from typing import Protocol
 import numpy as np
 import PIL.Image
 
-from editstack.codec import Blobs, Limits
-from editstack.protocol import EditItem, EditReply, EditRequest, EditResult, ErrorReply, ItemError, Reply, ScoreRequest
+from editstack.wire.codec import Blobs, Limits
+from editstack.wire.protocol import EditItem, EditReply, EditRequest, EditResult, ErrorReply, Reply, ScoreRequest
 from editstack.errors import ItemFailure
-from editstack.service import read_rgb, require_instruction
+from editstack.service.items import item_error, read_rgb, require_instruction
 
 from editstack_editor.settings import EditorSettings
 
@@ -39,19 +39,21 @@ class EditJob:
 
 
 class Backend(Protocol):
-    """A loaded model: one output per job, in order, an RGB image or the Exception naming why not."""
+    """A loaded model: one output per job, in order, an RGB image or the coded ItemFailure naming why not."""
 
+    backend: str  # what serves the edits, e.g. "diffusers/QwenImageEditPipeline"
     size_multiple: int  # output sides must be multiples of this
 
-    def edit(self, jobs: list[EditJob]) -> list[PIL.Image.Image | Exception]: ...
+    def edit(self, jobs: list[EditJob]) -> list[PIL.Image.Image | ItemFailure]: ...
 
 
 class IdentityBackend:
     """Returns each source unchanged: the no-op baseline that calibrates the judge."""
 
+    backend = "identity"
     size_multiple = 1
 
-    def edit(self, jobs: list[EditJob]) -> list[PIL.Image.Image | Exception]:
+    def edit(self, jobs: list[EditJob]) -> list[PIL.Image.Image | ItemFailure]:
         return [job.image for job in jobs]
 
 
@@ -97,9 +99,8 @@ class EditorWorker:
         for (index, notes), output in zip(slots, outputs, strict=True):
             item_id = request.items[index].id
             if isinstance(output, Exception):
-                code = "bad_param" if isinstance(output, ValueError) else "model_error"
-                error = ItemError(code, f"item {item_id!r}: {output}")
-                results[index] = EditResult(id=item_id, error=error, elapsed_s=per_item_s, notes=notes)
+                results[index] = EditResult(id=item_id, error=item_error(item_id, output), elapsed_s=per_item_s,
+                                            notes=notes)
             else:
                 image = out.add(np.asarray(output.convert("RGB")))
                 results[index] = EditResult(id=item_id, image=image, elapsed_s=per_item_s, notes=notes)

@@ -6,9 +6,10 @@ serves score batches until SIGTERM.
 
 from __future__ import annotations
 
-from editstack.protocol import Status
-from editstack.service import embedded_model, package_versions, run_service, settings_from_env
-from editstack.transport import Server
+from editstack.service.process import embedded_model, is_tiny_model, package_versions, run_service
+from editstack.service.settings import settings_from_env
+from editstack.wire.protocol import ScoreDefaults, Status
+from editstack.wire.transport import Server
 
 from editstack_scorer.rubric import MODES, load_rubric
 from editstack_scorer.settings import EMBEDDED_MODEL, ScorerSettings
@@ -21,15 +22,9 @@ def main() -> int:
         raise SystemExit(f"SCORER_MODE={settings.mode!r} is not one of {', '.join(MODES)}")
     rubric = load_rubric(settings.rubric)  # an unknown rubric stops the service here, with the known ones listed
     versions = package_versions("torch", "transformers")
-    details = {
-        "rubric_id": rubric.id,
-        "rubric_version": rubric.version,
-        "aggregation": rubric.aggregation,
-        "mode": settings.mode,
-        "dtype": settings.dtype,
-        "batch_size": str(settings.batch_size),
-        "embedded_tiny": str(settings.model == EMBEDDED_MODEL).lower(),
-    }
+    defaults = ScoreDefaults(mode=settings.mode, rubric_id=rubric.id, rubric_version=rubric.version,
+                             aggregation=rubric.aggregation, batch_size=settings.batch_size)
+    loaded: list[ScorerWorker] = []
 
     def load() -> ScorerWorker:
         from editstack_scorer import tiny
@@ -39,12 +34,15 @@ def main() -> int:
         judge = Judge(model, settings.revision or None, settings.device, settings.dtype,
                       max_new_tokens=settings.max_new_tokens, generate_retries=settings.generate_retries,
                       threads=settings.threads)
-        return ScorerWorker(judge, ScoreJob, settings)
+        loaded.append(ScorerWorker(judge, ScoreJob, settings))
+        return loaded[-1]
 
     def status(server: Server) -> Status:
         return Status(service="scorer", state="ready" if server.workers else "loading", model=settings.model,
-                      revision=settings.revision, device=settings.device, versions=versions, workers=server.workers,
-                      details=details)
+                      revision=settings.revision, dtype=settings.dtype,
+                      backend=loaded[0].judge.backend if loaded else "",
+                      embedded_tiny=is_tiny_model(settings.model_folder), devices=[settings.device],
+                      versions=versions, workers=server.workers, score_defaults=defaults)
 
     return run_service(settings.endpoint, settings.limits, status, [load])
 

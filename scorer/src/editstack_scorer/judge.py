@@ -8,8 +8,8 @@ The only scorer module that imports torch and transformers. Two modes:
   sub-scores; the reply is checked by `replies.parse_reply`, retried a bounded number of times, and
   the raw texts are kept.
 
-One outcome per job, in order: a `ScoreResult` or a `ScoreError` (see `rubric`); one bad job never
-fails the others and a failure never becomes a number.
+One outcome per job, in order: a `Verdict` or an `ItemFailure` with its code (see `rubric`); one bad
+job never fails the others and a failure never becomes a number.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -28,20 +27,12 @@ import transformers
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen3VLProcessor
 
-from editstack.tinymodels import TINY_MARKER, drop_video_processor
+from editstack.errors import ItemFailure
+from editstack.service.process import is_tiny_model
+from editstack.service.processors import drop_video_processor
+from editstack.wire.protocol import Verdict
 from editstack_scorer.replies import ReplyRejected, parse_reply
-from editstack_scorer.rubric import (
-    GROUPS,
-    MODES,
-    SCORE_MAX,
-    InvalidJob,
-    JudgeModelError,
-    Question,
-    Rubric,
-    ScoreError,
-    ScoreResult,
-    UnparseableReply,
-)
+from editstack_scorer.rubric import GROUPS, MODES, Question, Rubric, answer_distribution, expected_score
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +77,7 @@ class Judge:
             torch.set_num_threads(threads)
         self.max_new_tokens = max_new_tokens
         self.generate_retries = generate_retries
-        self.embedded_tiny = (Path(model) / TINY_MARKER).is_file()
+        self.embedded_tiny = is_tiny_model(model)
 
         drop_video_processor(Qwen3VLProcessor)  # CPU images lack torchvision; a no-op where it works
         transformers.utils.logging.disable_progress_bar()  # a service's log is read line by line
@@ -98,6 +89,7 @@ class Judge:
             model, revision=revision, dtype=_DTYPES[dtype], device_map=device
         ).eval()
         self.load_s = time.monotonic() - start
+        self.backend = f"transformers/{type(self.model).__name__}"
         log.info(
             "judge %s (revision %s) loaded on %s as %s in %.2f s%s",
             model,
@@ -108,25 +100,25 @@ class Judge:
             " (embedded tiny model: scores mean nothing)" if self.embedded_tiny else "",
         )
 
-    def score(self, jobs: list[ScoreJob], mode: str, rubric: Rubric) -> list[ScoreResult | Exception]:
-        """Score each job with `rubric` in `mode`: one ScoreResult or ScoreError per job, in order.
+    def score(self, jobs: list[ScoreJob], mode: str, rubric: Rubric) -> list[Verdict | ItemFailure]:
+        """Score each job with `rubric` in `mode`: one Verdict or ItemFailure per job, in order.
 
         Raises ValueError only for the whole call: an unknown mode, or logits mode with a tokenizer
         whose digits are not single tokens.
         """
         if mode not in MODES:
             raise ValueError(f"unknown scoring mode {mode!r}; known modes: {', '.join(MODES)}")
-        outcomes: dict[int, ScoreResult | ScoreError] = {}
+        outcomes: dict[int, Verdict | ItemFailure] = {}
         for i, job in enumerate(jobs):
             problem = _job_problem(job)
             if problem:
-                outcomes[i] = InvalidJob(problem)
+                outcomes[i] = ItemFailure("bad_input", problem)
         live = [i for i in range(len(jobs)) if i not in outcomes]
         start = time.monotonic()
         if live:
             score_live = self._score_logits if mode == "logits" else self._score_generate
             outcomes.update(score_live(jobs, live, rubric))
-        failed = sum(isinstance(o, ScoreError) for o in outcomes.values())
+        failed = sum(isinstance(o, ItemFailure) for o in outcomes.values())
         log.info("scored %d jobs in %s mode in %.2f s; %d failed", len(jobs), mode, time.monotonic() - start, failed)
         return [outcomes[i] for i in range(len(jobs))]
 
@@ -134,32 +126,30 @@ class Judge:
 
     def _score_logits(
         self, jobs: list[ScoreJob], live: list[int], rubric: Rubric
-    ) -> dict[int, ScoreResult | ScoreError]:
+    ) -> dict[int, Verdict | ItemFailure]:
         digit_ids = self._digit_token_ids()
-        failed: dict[int, ScoreError] = {}
+        failed: dict[int, ItemFailure] = {}
         dists: dict[int, dict[str, list[float | str]]] = {i: {} for i in live}
         masses: dict[int, dict[str, float]] = {i: {} for i in live}
         for question in rubric.questions:
             todo = [i for i in live if i not in failed]
             answer = partial(self._answer_distributions, jobs, rubric, question, digit_ids)
             for i, out in zip(todo, self._each(answer, todo), strict=True):
-                if isinstance(out, ScoreError):
+                if isinstance(out, ItemFailure):
                     failed[i] = out
                     continue
-                dist, mass = out
-                if not mass > 0:  # underflow (or NaN): there is nothing to renormalise
-                    failed[i] = ScoreError(f"judge put no probability on the answers 0..10 for {question.name!r}")
+                first_digit, zero_after_one = out
+                try:
+                    dist, mass = answer_distribution(first_digit, zero_after_one)
+                except ValueError as exc:
+                    failed[i] = ItemFailure("model_error", f"judge put {exc} for {question.name!r}")
                     continue
                 dists[i][question.name], masses[i][question.name] = dist, mass
-        results: dict[int, ScoreResult | ScoreError] = dict(failed)
+        results: dict[int, Verdict | ItemFailure] = dict(failed)
         for i in live:
             if i in failed:
                 continue
-            sub_scores = {
-                # the expected answer; the bound only absorbs float rounding of the normalised sum
-                name: min(float(sum(k * p for k, p in enumerate(dist))), SCORE_MAX)
-                for name, dist in dists[i].items()
-            }
+            sub_scores = {name: expected_score(dist) for name, dist in dists[i].items()}
             results[i] = rubric.result(mode="logits", sub_scores=sub_scores, raw=dists[i], score_mass=masses[i])
         return results
 
@@ -177,11 +167,10 @@ class Judge:
     def _answer_distributions(
         self, jobs: list[ScoreJob], rubric: Rubric, question: Question, digit_ids: list[int], indices: list[int]
     ) -> list[tuple[list[float], float]]:
-        """Per job: the renormalised probabilities of the answers 0..10 to `question`, and their prior mass.
+        """Per job: P(first answer token = "d") for d = 0..9, and P("0" | "1") (see `answer_distribution`).
 
-        "10" is two tokens, so P(10) = P("1") * P("0" | "1") and P(1) = P("1") * (1 - P("0" | "1")).
-        One pass serves both factors: "1" is appended to every prompt, and causal attention makes the
-        logits before it exactly those of the prompt alone (a separate second pass would repeat them).
+        One pass serves both: "1" is appended to every prompt, and causal attention makes the logits
+        before it exactly those of the prompt alone (a separate second pass would repeat them).
         """
         images = rubric.groups[question.group].images
         prompts = [
@@ -195,21 +184,17 @@ class Judge:
             raise RuntimeError("the tokenizer merged the appended '1' into the prompt's last token")
         with torch.inference_mode():
             logits = self.model(**inputs, logits_to_keep=2).logits
-        probs = logits.float().softmax(-1).double()
+        probs = logits.float().softmax(-1).double().cpu()
         first = probs[:, 0, digit_ids]  # P(first answer token = d), d = 0..9
         zero_after_one = probs[:, 1, digit_ids[0]]  # P("0" | "1")
-        one, ten = first[:, 1] * (1 - zero_after_one), first[:, 1] * zero_after_one
-        answers = torch.cat([first[:, :1], one[:, None], first[:, 2:], ten[:, None]], dim=1)
-        mass = answers.sum(dim=1)
-        dists = answers / mass[:, None]
-        return [(dist.tolist(), float(m)) for dist, m in zip(dists.cpu(), mass.cpu(), strict=True)]
+        return [(row.tolist(), float(p)) for row, p in zip(first, zero_after_one, strict=True)]
 
     # ---- generate mode -----------------------------------------------------------------------
 
     def _score_generate(
         self, jobs: list[ScoreJob], live: list[int], rubric: Rubric
-    ) -> dict[int, ScoreResult | ScoreError]:
-        failed: dict[int, ScoreError] = {}
+    ) -> dict[int, Verdict | ItemFailure]:
+        failed: dict[int, ItemFailure] = {}
         replies: dict[int, dict[str, list[float | str]]] = {i: {g: [] for g in GROUPS} for i in live}
         reasons: dict[int, list[str]] = {i: [] for i in live}
         sub_scores: dict[int, dict[str, float]] = {i: {} for i in live}
@@ -226,7 +211,7 @@ class Judge:
                 outs = self._each(reply, pending) if attempt == 0 else [self._each(reply, [i])[0] for i in pending]
                 still_pending = []
                 for i, out in zip(pending, outs, strict=True):
-                    if isinstance(out, ScoreError):
+                    if isinstance(out, ItemFailure):
                         failed[i] = out
                         continue
                     replies[i][group].append(out)
@@ -237,12 +222,12 @@ class Judge:
                         still_pending.append(i)
                 pending = still_pending
             for i in pending:
-                failed[i] = UnparseableReply(
+                failed[i] = ItemFailure(
+                    "unparseable_reply",
                     f"unparseable judge reply for group {group!r} after {attempts} attempts: {reasons[i][-1]}",
                     raw=[str(text) for g in GROUPS for text in replies[i][g]],
-                    reasons=reasons[i],
                 )
-        results: dict[int, ScoreResult | ScoreError] = dict(failed)
+        results: dict[int, Verdict | ItemFailure] = dict(failed)
         for i in live:
             if i not in failed:
                 results[i] = rubric.result(
@@ -297,7 +282,7 @@ class Judge:
         inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
         return inputs.to(self.model.device)
 
-    def _each(self, run: Callable[[list[int]], list[_Out]], indices: list[int]) -> list[_Out | ScoreError]:
+    def _each(self, run: Callable[[list[int]], list[_Out]], indices: list[int]) -> list[_Out | ItemFailure]:
         """`run` over the whole batch; if it raises, retry job by job so that only the culprit fails."""
         if len(indices) > 1:
             try:
@@ -306,14 +291,14 @@ class Judge:
                 log.warning("judge failed on a batch of %d jobs; retrying them one by one", len(indices), exc_info=True)
             # freed after the except block, once the exception no longer pins the batch's tensors
             self._free_memory()
-        outs: list[_Out | ScoreError] = []
+        outs: list[_Out | ItemFailure] = []
         for i in indices:
             error = None
             try:
                 outs.extend(run([i]))
             except Exception as e:
                 log.warning("judge failed on job %d", i, exc_info=True)
-                error = JudgeModelError(f"judge model failed: {type(e).__name__}: {e}")
+                error = ItemFailure("model_error", f"judge model failed: {type(e).__name__}: {e}")
             if error is not None:
                 self._free_memory()
                 outs.append(error)

@@ -5,12 +5,8 @@ A rubric asks sub-score questions in two groups, semantic consistency (`sc`) and
 sinks the group, as in VIEScore) and overall = sqrt(sc * pq). Every result carries the rubric id,
 its version and the rule as text, so a number is never read without what produced it.
 
-Per-item outcome of `Judge.score`: a `ScoreResult`, or one of these exceptions (returned, not raised)::
-
-    ScoreError                the job could not be scored; `reason` says why
-    ├── InvalidJob            its inputs are unusable (image mode, empty instruction)
-    ├── JudgeModelError       the model or its processor raised on it (e.g. CUDA out of memory)
-    └── UnparseableReply      `generate` mode: no schema-valid reply within the attempts; `raw`, `reasons`
+Per-item outcome of `Judge.score`: a wire `Verdict`, or an `ItemFailure` carrying its error code
+(bad_input, model_error, unparseable_reply; returned in its slot, not raised).
 
 Torch-free, so the service's settings and tests import it without the model stack.
 """
@@ -18,12 +14,15 @@ Torch-free, so the service's settings and tests import it without the model stac
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 from string import Template
 from typing import Literal
 
 import msgspec
+
+from editstack.wire.protocol import JudgeMode, Verdict
 
 MODES = ("logits", "generate")
 GROUPS = ("sc", "pq")
@@ -35,56 +34,26 @@ class UnknownRubricError(ValueError):
     """No rubric file ships under this id."""
 
 
-class ScoreError(Exception):
-    """One job could not be scored: returned in its slot of `Judge.score`, never raised from it."""
+def answer_distribution(first_digit: Sequence[float], zero_after_one: float) -> tuple[list[float], float]:
+    """The answers 0..10 from next-token probabilities: their renormalised distribution and their mass.
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class InvalidJob(ScoreError):
-    """The job's inputs are unusable (image mode, empty instruction)."""
-
-
-class JudgeModelError(ScoreError):
-    """The model or its processor raised on this job (e.g. CUDA out of memory); the reason names the exception."""
-
-
-class UnparseableReply(ScoreError):
-    """`generate` mode: no reply passed the schema within the allowed attempts.
-
-    `raw` keeps every reply text produced for the job, in order (group `sc`, then `pq`); `reasons`
-    has one line per rejected reply: its group, its attempt and the rule it broke.
+    `first_digit[d]` is P(first answer token = "d"), d = 0..9; `zero_after_one` is P("0" | "1").
+    "10" is two tokens, so P(10) = P("1") * P("0" | "1") and P(1) = P("1") * (1 - P("0" | "1")).
+    The mass is what the judge put on score answers at all; it must be > 0 to renormalise.
     """
+    if len(first_digit) != 10:
+        raise ValueError(f"need the probabilities of the 10 digits, got {len(first_digit)}")
+    one = first_digit[1]
+    answers = [first_digit[0], one * (1 - zero_after_one), *first_digit[2:], one * zero_after_one]
+    mass = math.fsum(answers)
+    if not mass > 0:  # underflow (or NaN): there is nothing to renormalise
+        raise ValueError("no probability on the answers 0..10")
+    return [p / mass for p in answers], mass
 
-    def __init__(self, reason: str, raw: list[str], reasons: list[str]) -> None:
-        super().__init__(reason)
-        self.raw = raw
-        self.reasons = reasons
 
-
-class ScoreResult(msgspec.Struct, frozen=True, kw_only=True):
-    """The judge's verdict on one job.
-
-    `sub_scores` map each question to 0-10; `sc`, `pq` and `overall` follow the rule in `aggregation`.
-    `score_mass` (logits mode) is the probability the judge put on the answers 0..10 before
-    renormalising, per question. `raw` is the judge's own output: in logits mode, per question the
-    11 probabilities of the answers 0..10; in generate mode, per group the reply texts of every
-    attempt. `attempts` counts generate calls (0 in logits mode).
-    """
-
-    rubric_id: str
-    rubric_version: str
-    mode: str
-    sub_scores: dict[str, float]
-    sc: float
-    pq: float
-    overall: float
-    aggregation: str
-    score_mass: dict[str, float] = {}
-    raw: dict[str, list[float | str]] = {}
-    attempts: int = 0
+def expected_score(distribution: Sequence[float]) -> float:
+    """The expected answer under `distribution` over 0..10; the bound only absorbs float rounding."""
+    return min(math.fsum(k * p for k, p in enumerate(distribution)), float(SCORE_MAX))
 
 
 class Group(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -134,13 +103,13 @@ class Rubric(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def result(
         self,
         *,
-        mode: str,
+        mode: JudgeMode,
         sub_scores: dict[str, float],
         raw: dict[str, list[float | str]],
         score_mass: dict[str, float] | None = None,
         attempts: int = 0,
-    ) -> ScoreResult:
-        """Aggregate `sub_scores` into a ScoreResult; they must be exactly this rubric's, each in 0..10."""
+    ) -> Verdict:
+        """Aggregate `sub_scores` into a Verdict; they must be exactly this rubric's, each in 0..10."""
         expected = {q.name for q in self.questions}
         if set(sub_scores) != expected:
             raise ValueError(f"rubric {self.id!r} needs sub-scores {sorted(expected)}, got {sorted(sub_scores)}")
@@ -148,7 +117,7 @@ class Rubric(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             if not SCORE_MIN <= value <= SCORE_MAX:  # also rejects NaN
                 raise ValueError(f"sub-score {name!r} = {value!r} is outside {SCORE_MIN}..{SCORE_MAX}")
         sc, pq = (min(sub_scores[n] for n in self.sub_scores(g)) for g in GROUPS)
-        return ScoreResult(
+        return Verdict(
             rubric_id=self.id,
             rubric_version=self.version,
             mode=mode,

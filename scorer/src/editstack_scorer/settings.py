@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from editstack.service import LimitSettings
+from editstack.service.settings import LimitSettings
 
 from editstack_scorer.rubric import DEFAULT_RUBRIC
 
@@ -24,3 +24,8 @@ class ScorerSettings(LimitSettings, frozen=True):
     generate_retries: int = 2  # generate mode: extra attempts after an unparseable reply
     threads: int = 0  # torch CPU threads; 0 = torch's default (all cores; two services on one CPU should share)
     tiny_dir: str = "~/.cache/editstack/models/tiny-qwen3-vl"  # where embedded-tiny is built
+
+    @property
+    def model_folder(self) -> str:
+        """Where the model's files are when it is local: the tiny model's folder for embedded-tiny."""
+        return self.tiny_dir if self.model == EMBEDDED_MODEL else self.model

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from editstack.tinymodels import build_model_folder
+from editstack.service.tinymodels import build_model_folder
 
 SEED = 0
 # Widths and depths per size. "tiny" is the embedded default (1 MB, CPU); "mid" (~0.76 B parameters)
@@ -61,7 +61,7 @@ def _write(folder: Path, size: str) -> dict[str, object]:
         Qwen3VLProcessor,
     )
 
-    from editstack.tinymodels import video_processor_kwargs, write_qwen_tokenizer
+    from editstack.service.tinymodels import video_processor_kwargs, write_qwen_tokenizer
 
     video = video_processor_kwargs(Qwen3VLProcessor, "Qwen3VLVideoProcessor")
     ids = write_qwen_tokenizer(folder, chat_template=CHAT_TEMPLATE)

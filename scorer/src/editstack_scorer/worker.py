@@ -1,7 +1,7 @@
 """The scorer's worker: turns a score request into judge jobs and the verdicts into a reply.
 
 Inputs are checked per item here, with errors naming the item, the field and the value; a
-verdict is copied from the judge as it came, and a failure is never turned into a number.
+verdict travels as the judge made it, and a failure is never turned into a number.
 Torch-free: the judge lives in `judge`.
 """
 
@@ -13,18 +13,19 @@ from typing import Protocol
 
 import PIL.Image
 
-from editstack.codec import Blobs
-from editstack.protocol import EditRequest, ErrorReply, ItemError, Reply, ScoreReply, ScoreRequest, ScoreResult
 from editstack.errors import ItemFailure
-from editstack.service import read_rgb, require_instruction
+from editstack.service.items import item_error, read_rgb, require_instruction
+from editstack.wire.codec import Blobs
+from editstack.wire.protocol import EditRequest, ErrorReply, Reply, ScoreReply, ScoreRequest, ScoreResult, Verdict
 
-from editstack_scorer.rubric import MODES, InvalidJob, Rubric, ScoreError, UnknownRubricError, UnparseableReply, load_rubric
-from editstack_scorer.rubric import ScoreResult as Verdict  # the judge's; ScoreResult here is the wire's
+from editstack_scorer.rubric import MODES, Rubric, UnknownRubricError, load_rubric
 from editstack_scorer.settings import ScorerSettings
 
 
 class Judge(Protocol):
-    def score(self, jobs: list, mode: str, rubric: Rubric) -> list[Verdict | Exception]: ...
+    backend: str
+
+    def score(self, jobs: list, mode: str, rubric: Rubric) -> list[Verdict | ItemFailure]: ...
 
 
 class ScorerWorker:
@@ -67,7 +68,7 @@ class ScorerWorker:
             jobs.append(self.job_type(PIL.Image.fromarray(source), PIL.Image.fromarray(edited), item.instruction))
             slots.append((index, notes))
 
-        size = max(1, self.settings.batch_size)
+        size = self.settings.batch_size
         for start in range(0, len(jobs), size):
             chunk = slice(start, start + size)
             started = time.perf_counter()
@@ -80,17 +81,5 @@ class ScorerWorker:
 
 def _result(item_id: str, verdict: Verdict | Exception, elapsed_s: float, notes: Sequence[str]) -> ScoreResult:
     if isinstance(verdict, Verdict):
-        return ScoreResult(
-            id=item_id, rubric_id=verdict.rubric_id, rubric_version=verdict.rubric_version, mode=verdict.mode,
-            sub_scores=verdict.sub_scores, sc=verdict.sc, pq=verdict.pq, overall=verdict.overall,
-            aggregation=verdict.aggregation, score_mass=verdict.score_mass, raw=verdict.raw,
-            attempts=verdict.attempts, elapsed_s=elapsed_s, notes=list(notes),
-        )
-    if isinstance(verdict, UnparseableReply):
-        error = ItemError("unparseable_reply", f"item {item_id!r}: {verdict.reason}", raw=verdict.raw)
-    elif isinstance(verdict, InvalidJob):
-        error = ItemError("bad_input", f"item {item_id!r}: {verdict}")
-    else:
-        code = "model_error" if isinstance(verdict, ScoreError) else "internal"
-        error = ItemError(code, f"item {item_id!r}: {verdict}")
-    return ScoreResult(id=item_id, error=error, elapsed_s=elapsed_s, notes=list(notes))
+        return ScoreResult(id=item_id, verdict=verdict, elapsed_s=elapsed_s, notes=list(notes))
+    return ScoreResult(id=item_id, error=item_error(item_id, verdict), elapsed_s=elapsed_s, notes=list(notes))

@@ -16,14 +16,15 @@
 Server side, ProtocolError becomes an error reply and the server goes on; ImageError and
 ItemFailure become an item error in an otherwise normal reply. Client side, ServiceUnavailable is
 retryable by the caller (the service may come back); RemoteError with `retryable` False is not.
-The scorer's per-item verdict failures (editstack_scorer.rubric.ScoreError) are returned, not raised.
+Model backends (the editor's pipeline, the judge) return an ItemFailure in a failed item's slot
+instead of raising it, so one item's failure never costs its batch neighbours their results.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from editstack.protocol import ItemError
+from editstack.wire.protocol import ErrorCode, ItemError
 
 
 class EditstackError(Exception):
@@ -49,7 +50,7 @@ class ImageError(EditstackError):
 class ItemFailure(EditstackError):
     """One item cannot be served; becomes an ItemError in its result."""
 
-    def __init__(self, code: str, message: str, raw: Sequence[str] = ()) -> None:
+    def __init__(self, code: ErrorCode, message: str, raw: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.error = ItemError(code=code, message=message, raw=list(raw))
 
@@ -95,7 +96,7 @@ class ServiceUnavailable(EditstackError):
 class RemoteError(EditstackError):
     """The service answered with an error reply."""
 
-    def __init__(self, endpoint: str, code: str, message: str, retryable: bool) -> None:
+    def __init__(self, endpoint: str, code: ErrorCode, message: str, retryable: bool) -> None:
         super().__init__(f"{endpoint} answered {code}: {message}")
         self.endpoint = endpoint
         self.code = code

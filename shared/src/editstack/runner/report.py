@@ -1,6 +1,6 @@
 """Run reports, written from a run folder's manifest.json and results.jsonl.
 
-    python -m editstack.report RUN_DIR       rewrite the reports of an existing run folder
+    python -m editstack.runner.report RUN_DIR       rewrite the reports of an existing run folder
 
 Files written into the run folder, each atomically (temp file + rename):
 
@@ -33,26 +33,24 @@ import html
 import io
 import json
 import logging
-import math
 import statistics
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 from PIL import Image
 
 from editstack.errors import RunFolderError
-from editstack.files import write_atomic
-from editstack.protocol import Status
-from editstack.runfolder import RESULTS_NAME, Journal
+from editstack.runner.files import write_atomic
+from editstack.runner.runfolder import RESULTS_NAME, ItemRecord, Journal, Manifest, read_manifest
+from editstack.wire.protocol import Status, Verdict
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 SUMMARY_COLUMNS = ("category", "items", "scored", "failed", "sc_mean", "pq_mean", "overall_mean")
 ALL_CATEGORIES = "ALL"
 THUMBNAIL_PX = 256
@@ -69,90 +67,6 @@ class ReportPaths(NamedTuple):
     summary_json: Path
     summary_csv: Path
     summary_meta: Path
-
-
-# ---- what the run folder holds (decoded with msgspec, so a bad field names its path) -------------
-
-class _Dataset(msgspec.Struct, frozen=True):
-    spec: str
-    items: int
-    problems: list[str] = []
-
-
-class _Rubric(msgspec.Struct, frozen=True):
-    id: str
-    version: str
-
-
-class _EmbeddedTiny(msgspec.Struct, frozen=True):
-    editor: bool = False
-    scorer: bool = False
-
-
-class _Manifest(msgspec.Struct, frozen=True, kw_only=True):
-    editstack_version: str
-    git_commit: str | None = None
-    started_at: str
-    finished_at: str | None = None
-    dataset: _Dataset
-    editors: list[Status] = []
-    scorer: Status | None = None
-    rubric: _Rubric | None = None
-    params: dict[str, Any] = {}
-    embedded_tiny: _EmbeddedTiny = _EmbeddedTiny()
-
-
-class _EditError(msgspec.Struct, frozen=True):
-    code: str
-    message: str
-
-
-class _Edit(msgspec.Struct, frozen=True):
-    status: Literal["ok", "failed", "existing"]
-    path: str | None = None
-    error: _EditError | None = None
-
-
-class _Score(msgspec.Struct, frozen=True):
-    rubric_id: str = ""
-    rubric_version: str = ""
-    mode: str = ""
-    sub_scores: dict[str, float] = {}
-    sc: float | None = None
-    pq: float | None = None
-    overall: float | None = None
-    aggregation: str = ""
-
-
-class _Failure(msgspec.Struct, frozen=True):
-    stage: str
-    code: str
-    message: str
-
-
-class _Record(msgspec.Struct, frozen=True, kw_only=True):
-    id: str
-    category: str
-    instruction: str
-    language: str | None = None
-    source: str
-    status: Literal["scored", "edited", "failed"]
-    edit: _Edit
-    score: _Score | None = None
-    error: _Failure | None = None
-
-    def __post_init__(self) -> None:
-        # A scored item without finite scores, or a failure without its cause, would put a made-up
-        # number or an unexplained hole in the tables.
-        if self.status == "scored":
-            if self.score is None:
-                raise ValueError("status is 'scored' but score is null")
-            for name in ("sc", "pq", "overall"):
-                value = getattr(self.score, name)
-                if value is None or not math.isfinite(value):
-                    raise ValueError(f"status is 'scored' but score.{name} is {value}")
-        if self.status == "failed" and self.error is None:
-            raise ValueError("status is 'failed' but error is null")
 
 
 # ---- reading and counting ----------------------------------------------------------------------
@@ -175,8 +89,8 @@ class _Run:
     """A run folder, read: its manifest, one record per item (sorted), and what could not be read."""
 
     folder: Path
-    manifest: _Manifest
-    records: list[_Record]
+    manifest: Manifest
+    records: list[ItemRecord]
     problems: list[str]
     torn_last_line: bool
 
@@ -197,35 +111,21 @@ def write_reports(run_dir: Path) -> ReportPaths:
 
 
 def _read_run(folder: Path) -> _Run:
-    manifest_path = folder / MANIFEST_NAME
-    try:
-        manifest = msgspec.convert(json.loads(manifest_path.read_text(encoding="utf-8")), _Manifest)
-    except FileNotFoundError:
-        raise RunFolderError(f"{manifest_path}: not found (is {folder} a run folder?)") from None
-    except (OSError, ValueError, msgspec.ValidationError) as exc:  # ValueError: JSON and UTF-8 errors
-        raise RunFolderError(f"{manifest_path}: {exc}") from exc
-
+    manifest = read_manifest(folder)
     journal = Journal(folder / RESULTS_NAME).load()
-    by_id: dict[str, _Record] = {}
-    problems = list(journal.problems)
-    for item, data in journal.records.items():
-        try:
-            by_id[item] = msgspec.convert(data, _Record)
-        except msgspec.ValidationError as exc:
-            problems.append(f"{RESULTS_NAME} item {item!r}: {exc}")
-    for problem in problems:
+    for problem in journal.problems:
         log.error("%s: %s", folder, problem)
-    records = sorted(by_id.values(), key=lambda r: (r.category, r.id))
-    return _Run(folder, manifest, records, problems, journal.torn_last_line)
+    records = sorted(journal.records.values(), key=lambda r: (r.category, r.id))
+    return _Run(folder, manifest, records, journal.problems, journal.torn_last_line)
 
 
-def _rows(records: Sequence[_Record]) -> list[_Row]:
+def _rows(records: Sequence[ItemRecord]) -> list[_Row]:
     """A row per category (sorted), then the ALL row over every item."""
     categories = sorted({r.category for r in records})
     return [*(_row(c, [r for r in records if r.category == c]) for c in categories), _row(ALL_CATEGORIES, records)]
 
 
-def _row(category: str, records: Sequence[_Record]) -> _Row:
+def _row(category: str, records: Sequence[ItemRecord]) -> _Row:
     scores = _scores(records)
 
     def mean(name: str) -> float | None:
@@ -235,13 +135,13 @@ def _row(category: str, records: Sequence[_Record]) -> _Row:
                 mean("sc"), mean("pq"), mean("overall"))
 
 
-def _scores(records: Iterable[_Record]) -> list[_Score]:
+def _scores(records: Iterable[ItemRecord]) -> list[Verdict]:
     return [r.score for r in records if r.status == "scored" and r.score is not None]
 
 
 # ---- what every report says about the run ------------------------------------------------------
 
-def _banner(manifest: _Manifest) -> str | None:
+def _banner(manifest: Manifest) -> str | None:
     flags = manifest.embedded_tiny
     tiny = [role for role, flag in (("editor", flags.editor), ("scorer", flags.scorer)) if flag]
     if not tiny:
@@ -265,8 +165,12 @@ def _facts(run: _Run) -> list[tuple[str, str]]:
         ("Rubric", rubric),
         ("Judge mode", _agreement(s.mode for s in scored) if scored else _DASH),
     ]
-    params = ", ".join(f"{k} {v}" for k, v in m.params.items() if k != "seed_rule" and v is not None)
-    facts.append(("Edit parameters", params or "service defaults"))
+    shown = {k: v for k, v in msgspec.structs.asdict(m.params).items()
+             if k not in ("seed_rule", "from_editor_defaults") and v is not None}
+    params = ", ".join(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}" for k, v in shown.items())
+    if m.params.from_editor_defaults:
+        params += f" ({', '.join(m.params.from_editor_defaults)}: the editor's defaults)"
+    facts.append(("Edit parameters", params))
     for status in m.editors:
         facts.append(("Editor", _service(status, ("diffusers", "transformers", "torch"))))
     if m.scorer is not None:
@@ -285,7 +189,9 @@ def _agreement(values: Iterable[str]) -> str:
 def _service(status: Status, version_names: Sequence[str]) -> str:
     names = [*version_names, *sorted(status.versions.keys() - set(version_names))]
     versions = ", ".join(f"{name} {status.versions.get(name, _DASH)}" for name in names)
-    return f"{status.model}@{status.revision or _DASH} on {status.device}, {status.workers} worker(s); {versions}"
+    served = f" ({status.backend}, {status.dtype})" if status.backend else ""
+    return (f"{status.model}@{status.revision or _DASH}{served} on {', '.join(status.devices) or _DASH}, "
+            f"{status.workers} worker(s); {versions}")
 
 
 def _duration(started_at: str, finished_at: str | None) -> str:
@@ -333,7 +239,7 @@ def _meta(run: _Run) -> dict[str, Any]:
         "aggregation": Counter(s.aggregation for s in scored),
         "mode": Counter(s.mode for s in scored),
         "rubric_in_records": Counter(f"{s.rubric_id} {s.rubric_version}" for s in scored),
-        "params": m.params,
+        "params": msgspec.to_builtins(m.params),
         "editors": msgspec.to_builtins(m.editors),
         "scorer": msgspec.to_builtins(m.scorer),
         "journal": {"items": len(run.records), "problems": run.problems, "torn_last_line_ignored": run.torn_last_line},
@@ -426,7 +332,7 @@ def _html(run: _Run, rows: Sequence[_Row]) -> str:
         for record in (r for r in run.records if r.category == row.category):
             edit = run.folder / record.edit.path if record.edit.path else None  # absolute paths stay absolute
             language = f" <span class=sub>[{esc(record.language)}]</span>" if record.language else ""
-            parts.append(f"<tr><td>{_image_cell(Path(record.source), thumbnails)}</td>"
+            parts.append(f"<tr><td>{_image_cell(Path(record.sources[0]), thumbnails)}</td>"
                          f"<td>{_image_cell(edit, thumbnails)}</td>"
                          f"<td><b>{esc(record.id)}</b>{language}<br>{esc(record.instruction)}</td>"
                          f"<td>{_outcome_cell(record)}</td></tr>")
@@ -435,7 +341,7 @@ def _html(run: _Run, rows: Sequence[_Row]) -> str:
     return "\n".join(parts)
 
 
-def _outcome_cell(record: _Record) -> str:
+def _outcome_cell(record: ItemRecord) -> str:
     esc = html.escape
     if record.status == "scored" and record.score is not None:
         s = record.score
@@ -484,14 +390,14 @@ def _thumbnail(path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Rewrite the reports of a run folder; exit 0 when written, 2 when it is not a run folder."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m editstack.report",
+    parser = argparse.ArgumentParser(prog="python -m editstack.runner.report",
                                      description="Rewrite a run folder's reports from its manifest.json and results.jsonl.")
     parser.add_argument("run_dir", type=Path, help="a run folder (runs/<name>)")
     args = parser.parse_args(argv)
     try:
         paths = write_reports(args.run_dir)
     except RunFolderError as exc:
-        print(f"editstack.report: {exc}", file=sys.stderr)
+        print(f"editstack.runner.report: {exc}", file=sys.stderr)
         return 2
     for path in paths:
         print(path)

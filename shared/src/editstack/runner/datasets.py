@@ -56,7 +56,7 @@ and language. So: category = ``task_type``; source = ``input_image``; language "
 ``<cache_dir>/gedit/<file stem>-<fingerprint>/<task_type>/<id>.<format>`` (the fingerprint
 covers the file's path, size and mtime), so items always point at plain files.
 
-``sample`` -- the built-in synthetic benchmark (`editstack.sample`), written under
+``sample`` -- the built-in synthetic benchmark (`editstack.runner.sample`), written under
 ``<cache_dir>/sample`` and read as a manifest.
 
 Detection (``load_dataset``; an explicit ``format`` overrides it): the spec ``"sample"`` is
@@ -82,6 +82,7 @@ from typing import Any
 from PIL import Image
 
 from editstack.errors import DatasetError
+from editstack.runner.sample import write_sample
 
 logger = logging.getLogger(__name__)
 
@@ -163,9 +164,7 @@ def load_dataset(spec: str | Path, *, format: str | None = None, strict: bool = 
         raise ValueError(f"format {format!r} is not one of {FORMATS}")
     cache = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     if format == "sample" or (format is None and str(spec) == "sample"):
-        # editstack.sample imports MANIFEST_NAME from this module, so it is imported here.
-        from editstack.sample import write_sample
-        format, path = "sample", write_sample(cache / "sample")
+        format, path = "sample", write_sample(cache / "sample", MANIFEST_NAME)
     else:
         path = Path(spec)
         format = format or _detect_format(path)

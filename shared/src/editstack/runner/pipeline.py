@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,24 +33,47 @@ import numpy as np
 from tqdm import tqdm
 
 import editstack
-from editstack.codec import Blobs, Limits, encode_png, read_image, read_image_file
-from editstack.config import RunConfig, to_yaml
-from editstack.datasets import Item, load_dataset, select
 from editstack.errors import ConfigError, ImageError, RemoteError, ServiceUnavailable, StageFailure
-from editstack.files import write_atomic
-from editstack.protocol import (
+from editstack.runner.config import RunConfig, to_yaml
+from editstack.runner.datasets import Item, load_dataset, select
+from editstack.runner.files import write_atomic
+from editstack.runner.report import write_reports
+from editstack.runner.runfolder import (
+    CONFIG_NAME,
+    RESULTS_NAME,
+    SCHEMA_VERSION,
+    Counts,
+    DatasetInfo,
+    EditOutcome,
+    Elapsed,
+    EmbeddedTiny,
+    Failure,
+    ItemRecord,
+    ItemStatus,
+    Journal,
+    JudgeIdentity,
+    Manifest,
+    Reference,
+    RubricInfo,
+    RunParams,
+    Stage,
+    Timings,
+    write_manifest,
+)
+from editstack.wire.codec import Blobs, Limits, encode_png, read_image, read_image_file
+from editstack.wire.protocol import (
     PROTOCOL_VERSION,
     EditItem,
     EditParams,
     EditRequest,
+    Identity,
     ItemError,
     ScoreItem,
     ScoreRequest,
     Status,
+    Verdict,
 )
-from editstack.report import write_reports
-from editstack.runfolder import RESULTS_NAME, Journal
-from editstack.transport import Client
+from editstack.wire.transport import Client
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +87,12 @@ class Pending:
     """An edited item on its way to the scorer."""
 
     item: Item
-    edit: dict[str, Any]
+    edit: EditOutcome
     source: np.ndarray | None = field(repr=False)  # None: read from item.source when scored
     edited: np.ndarray | Path = field(repr=False)  # a Path: an existing edit, sent as its file bytes
+    notes: list[str] = field(default_factory=list)
+    editor: Identity | None = None  # None: an existing edit, made by whatever made it
+    edit_s: float = 0.0
 
 
 def item_seed(base_seed: int, item_id: str) -> int:
@@ -90,7 +117,7 @@ def run(config: RunConfig) -> int:
     finished = {"edit": {"edited", "scored"}, "score": {"scored"}, None: {"scored"}}[config.only]
     selected = {item.id for item in items}
     # complete records stay, and so do records of items outside this selection (an earlier, wider run)
-    kept = {i: r for i, r in earlier.items() if r["status"] in finished or i not in selected}
+    kept = {i: r for i, r in earlier.items() if r.status in finished or i not in selected}
     journal.rewrite(kept.values())  # failed records go: their items are retried below
     todo = [item for item in items if item.id not in kept]
     log.info("run %s: %d items selected, %d already complete, %d to do", run_dir, len(items),
@@ -99,26 +126,26 @@ def run(config: RunConfig) -> int:
     editors = {} if config.only == "score" else {ep: _wait_ready(ep, config.editor.deadline_s)
                                                    for ep in config.editor.endpoints}
     scorer = None if config.only == "edit" else _wait_ready(config.scorer.endpoint, config.scorer.deadline_s)
-    write_atomic(run_dir / "config.yaml", to_yaml(config))
+    write_atomic(run_dir / CONFIG_NAME, to_yaml(config))
     manifest = _manifest(config, list(editors.values()), scorer, len(items), problems)
-    write_atomic(run_dir / "manifest.json", msgspec.json.format(msgspec.json.encode(manifest)))
+    write_manifest(run_dir, manifest)
 
-    pipeline = Pipeline(config, run_dir, journal, editors, earlier)
+    pipeline = Pipeline(config, run_dir, journal, editors, scorer, earlier)
     started = time.monotonic()
     pipeline.run(todo)
 
-    manifest["finished_at"] = _now()
-    # busy: time inside a stage's requests, summed over its threads; wall near max(edit, score) = overlapped
-    manifest["timings"] = {"wall_s": round(time.monotonic() - started, 3),
-                           **{f"{stage}_busy_s": round(s, 3) for stage, s in pipeline.busy_s.items()}}
     final = journal.load().records
-    manifest["counts"] = {status: sum(1 for r in final.values() if r["status"] == status)
-                          for status in ("scored", "edited", "failed")}
-    write_atomic(run_dir / "manifest.json", msgspec.json.format(msgspec.json.encode(manifest)))
+    statuses = Counter(r.status for r in final.values())
+    manifest = msgspec.structs.replace(
+        manifest, finished_at=_now(),
+        timings=Timings(wall_s=round(time.monotonic() - started, 3), edit_busy_s=round(pipeline.busy_s["edit"], 3),
+                        score_busy_s=round(pipeline.busy_s["score"], 3)),
+        counts=Counts(scored=statuses["scored"], edited=statuses["edited"], failed=statuses["failed"]))
+    write_manifest(run_dir, manifest)
     paths = write_reports(run_dir)
-    failed = [i.id for i in items if final.get(i.id, {}).get("status") not in finished]
-    log.info("run %s finished: %s; %d failed, %d dataset problem(s); report: %s", run_dir, manifest["counts"],
-             len(failed), len(problems), paths.markdown)
+    failed = [i.id for i in items if i.id not in final or final[i.id].status not in finished]
+    log.info("run %s finished: %s; %d failed, %d dataset problem(s); report: %s", run_dir,
+             msgspec.to_builtins(manifest.counts), len(failed), len(problems), paths.markdown)
     return 0 if not failed and not problems else 1
 
 
@@ -126,14 +153,15 @@ class Pipeline:
     """The edit and score stages of one run, as threads joined by a bounded queue."""
 
     def __init__(self, config: RunConfig, run_dir: Path, journal: Journal, editors: dict[str, Status],
-                 earlier: dict[str, dict[str, Any]]) -> None:
+                 scorer: Status | None, earlier: dict[str, ItemRecord]) -> None:
         self.config = config
         self.run_dir = run_dir
         self.journal = journal
         self.editors = editors
+        self.scorer = scorer
         self.earlier = earlier
         self.limits = Limits()
-        self.to_score: queue.Queue[list[Pending] | None] = queue.Queue(maxsize=max(1, config.queue_batches))
+        self.to_score: queue.Queue[list[Pending] | None] = queue.Queue(maxsize=config.queue_batches)
         self.busy_s = {"edit": 0.0, "score": 0.0}
         self._busy_lock = threading.Lock()
 
@@ -144,17 +172,17 @@ class Pipeline:
         self.progress = progress
         threads = [threading.Thread(target=self._score_loop, name="score", daemon=True)] if self.config.only != "edit" else []
         batches: queue.Queue[list[Item]] = queue.Queue()
-        size = max(1, self.config.editor.batch_size)
+        size = self.config.editor.items_per_request
         for start in range(0, len(to_edit), size):
             batches.put(list(to_edit[start:start + size]))
         for endpoint, status in self.editors.items():
             # one client per service worker keeps every worker of every endpoint busy
-            for n in range(max(1, status.workers)):
+            for n in range(status.workers):
                 threads.append(threading.Thread(target=self._edit_loop, args=(endpoint, batches),
                                                 name=f"edit-{endpoint}-{n}", daemon=True))
         for thread in threads:
             thread.start()
-        size = max(1, self.config.scorer.batch_size)
+        size = self.config.scorer.items_per_request
         for start in range(0, len(ready), size):
             self.to_score.put(ready[start:start + size])
         for thread in threads:
@@ -177,12 +205,16 @@ class Pipeline:
             if path is None:
                 to_edit.append(item)
                 continue
-            edit = {"status": "existing", "path": str(path), "elapsed_s": 0.0, "seed": None, "notes": [], "error": None}
             if not path.is_file():
-                edit["error"] = {"code": "missing_image", "message": f"item {item.id!r} field 'edited': no file {path}"}
-                self._record(item, "failed", edit, None, {"stage": "edit", **edit["error"]})
+                error = ItemError("missing_image", f"item {item.id!r} field 'edited': no file {path}")
+                self._record(item, "failed", EditOutcome(status="existing", path=str(path)), error=_failure("edit", error))
                 continue
-            ready.append(Pending(item, edit, None, path))
+            earlier = self.earlier.get(item.id)
+            if self.config.only == "score" or earlier is None:
+                ready.append(Pending(item, EditOutcome(status="existing", path=str(path)), None, path))
+            else:  # edited by an earlier edit-only run of this folder: keep what it recorded
+                ready.append(Pending(item, earlier.edit, None, path, list(earlier.notes), earlier.editor,
+                                     earlier.elapsed.edit_s))
         return ready, to_edit
 
     def _existing_edit_path(self, item: Item) -> Path | None:
@@ -191,8 +223,8 @@ class Pipeline:
             root = root / "edits" if (root / "edits").is_dir() else root  # a run folder or a plain edits folder
             return (root / item.category / f"{item.id}.png").resolve()
         earlier = self.earlier.get(item.id)
-        if earlier and earlier["status"] == "edited" and (self.run_dir / earlier["edit"]["path"]).is_file():
-            return self.run_dir / earlier["edit"]["path"]
+        if earlier and earlier.status == "edited" and earlier.edit.path and (self.run_dir / earlier.edit.path).is_file():
+            return self.run_dir / earlier.edit.path
         return None
 
     def _edit_loop(self, endpoint: str, batches: queue.Queue[list[Item]]) -> None:
@@ -203,15 +235,16 @@ class Pipeline:
                     batch = batches.get_nowait()
                 except queue.Empty:
                     return
-                pending = self._edit_batch(client, batch)
+                pending = self._edit_batch(client, self.editors[endpoint].identity(), batch)
                 self.progress["edit"].update(len(batch))
                 if pending and self.config.only == "edit":
                     for p in pending:
-                        self._record(p.item, "edited", p.edit, None, None)
+                        self._record(p.item, "edited", p.edit, notes=p.notes, editor=p.editor,
+                                     elapsed=Elapsed(edit_s=p.edit_s))
                 elif pending:
                     self.to_score.put(pending)  # blocks while the scorer is behind: back-pressure
 
-    def _edit_batch(self, client: Client, batch: list[Item]) -> list[Pending]:
+    def _edit_batch(self, client: Client, editor: Identity, batch: list[Item]) -> list[Pending]:
         cfg = self.config.editor
         blobs, items, sent, notes, sources = Blobs(), [], [], {}, {}
         for item in batch:
@@ -219,8 +252,8 @@ class Pipeline:
             try:
                 array, note = _load_source(item)
             except ImageError as exc:
-                edit = _edit_part(None, seed, 0.0, [], ItemError("bad_image", str(exc)))
-                self._record(item, "failed", edit, None, {"stage": "edit", **edit["error"]})
+                self._record(item, "failed", EditOutcome(status="failed", seed=seed),
+                             error=_failure("edit", ItemError("bad_image", str(exc))))
                 continue
             notes[item.id], sources[item.id] = ([note] if note else []), array
             items.append(EditItem(id=item.id, instruction=item.instruction, image=blobs.add(array), seed=seed,
@@ -233,22 +266,22 @@ class Pipeline:
             reply, received = self._timed("edit", cfg.deadline_s, lambda: client.edit(request, blobs))
         except StageFailure as exc:
             for item in sent:
-                edit = _edit_part(None, item_seed(cfg.seed, item.id), 0.0, notes[item.id], exc.error)
-                self._record(item, "failed", edit, None, {"stage": "edit", **edit["error"]})
+                self._record(item, "failed", EditOutcome(status="failed", seed=item_seed(cfg.seed, item.id)),
+                             error=_failure("edit", exc.error), notes=notes[item.id], editor=editor)
             return []
         pending = []
         for item, result in zip(sent, reply.items, strict=True):
             item_notes = notes[item.id] + list(result.notes)
             seed = item_seed(cfg.seed, item.id)
             if result.error is not None:
-                edit = _edit_part(None, seed, result.elapsed_s, item_notes, result.error)
-                self._record(item, "failed", edit, None, {"stage": "edit", **edit["error"]})
+                self._record(item, "failed", EditOutcome(status="failed", seed=seed), error=_failure("edit", result.error),
+                             notes=item_notes, editor=editor, elapsed=Elapsed(edit_s=result.elapsed_s))
                 continue
             edited = read_image(result.image, received, self.limits)
             path = Path("edits") / item.category / f"{item.id}.png"
             write_atomic(self.run_dir / path, encode_png(edited))
-            edit = _edit_part(str(path), seed, result.elapsed_s, item_notes, None)
-            pending.append(Pending(item, edit, sources[item.id], edited))
+            pending.append(Pending(item, EditOutcome(status="ok", path=str(path), seed=seed), sources[item.id], edited,
+                                   item_notes, editor, result.elapsed_s))
         return pending
 
     # ---- score stage -------------------------------------------------------------------------
@@ -257,8 +290,8 @@ class Pipeline:
         cfg = self.config.scorer
         with Client(cfg.endpoint, timeout_s=cfg.timeout_s, retries=cfg.retries) as client:
             while (batch := self.to_score.get()) is not None:
-                for start in range(0, len(batch), max(1, cfg.batch_size)):
-                    chunk = batch[start:start + cfg.batch_size]
+                for start in range(0, len(batch), cfg.items_per_request):
+                    chunk = batch[start:start + cfg.items_per_request]
                     self._score_batch(client, chunk)
                     self.progress["score"].update(len(chunk))
 
@@ -269,32 +302,37 @@ class Pipeline:
             try:
                 if p.source is None:
                     p.source, note = _load_source(p.item)
-                    p.edit["notes"] += [note] if note else []
+                    p.notes += [note] if note else []
                 edited = p.edited.read_bytes() if isinstance(p.edited, Path) else p.edited
             except (ImageError, OSError) as exc:
-                error = {"stage": "score", "code": "bad_image", "message": str(exc)}
-                self._record(p.item, "failed", p.edit, None, error)
+                self._finish(p, "failed", error=_failure("score", ItemError("bad_image", str(exc))))
                 continue
             items.append(ScoreItem(id=p.item.id, instruction=p.item.instruction, source=blobs.add(p.source),
                                    edited=blobs.add(edited)))
             sent.append(p)
         if not sent:
             return
-        batch = sent
         request = ScoreRequest(items, mode=cfg.mode, rubric=cfg.rubric)
         try:
             reply = self._timed("score", cfg.deadline_s, lambda: client.score(request, blobs))
         except StageFailure as exc:
-            for p in batch:
-                self._record(p.item, "failed", p.edit, None, {"stage": "score", **msgspec.to_builtins(exc.error)})
+            for p in sent:
+                self._finish(p, "failed", error=_failure("score", exc.error))
             return
-        for p, result in zip(batch, reply.items, strict=True):
-            score = msgspec.to_builtins(result)
-            score.pop("id")
-            if result.error is not None:
-                self._record(p.item, "failed", p.edit, score, {"stage": "score", **msgspec.to_builtins(result.error)})
+        for p, result in zip(sent, reply.items, strict=True):
+            p.notes += result.notes
+            if result.verdict is None:
+                error = result.error or ItemError("internal", f"item {p.item.id!r}: the scorer sent neither verdict nor error")
+                self._finish(p, "failed", error=_failure("score", error), score_s=result.elapsed_s)
             else:
-                self._record(p.item, "scored", p.edit, score, None)
+                self._finish(p, "scored", verdict=result.verdict, score_s=result.elapsed_s)
+
+    def _finish(self, p: Pending, status: ItemStatus, *, verdict: Verdict | None = None, error: Failure | None = None,
+                score_s: float = 0.0) -> None:
+        """Record an item that reached the score stage, with the judge that saw it."""
+        self._record(p.item, status, p.edit, score=verdict, error=error, notes=p.notes, editor=p.editor,
+                     judge=_judge(self.scorer, verdict) if self.scorer else None,
+                     elapsed=Elapsed(edit_s=p.edit_s, score_s=score_s))
 
     # ---- shared ------------------------------------------------------------------------------
 
@@ -320,16 +358,19 @@ class Pipeline:
             log.warning("%s stage: %s; retrying (%.0fs of %.0fs)", stage, error[1], elapsed, deadline_s)
             time.sleep(_RETRY_PAUSE_S)
 
-    def _record(self, item: Item, status: str, edit: dict[str, Any], score: dict[str, Any] | None,
-                error: dict[str, Any] | None) -> None:
-        self.journal.append({
-            "id": item.id, "category": item.category, "instruction": item.instruction, "language": item.language,
-            "source": str(item.source.resolve()), "status": status, "edit": edit, "score": score, "error": error,
-            "finished_at": _now(),
-        })
-        if status == "failed":
-            stage = error["stage"] if error else "?"
-            log.warning("item %r failed at %s: %s", item.id, stage, error["message"] if error else "")
+    def _record(self, item: Item, status: ItemStatus, edit: EditOutcome, *, score: Verdict | None = None,
+                error: Failure | None = None, notes: list[str] | None = None, editor: Identity | None = None,
+                judge: JudgeIdentity | None = None, elapsed: Elapsed = Elapsed()) -> None:
+        self.journal.append(ItemRecord(
+            schema=SCHEMA_VERSION, id=item.id, category=item.category, instruction=item.instruction,
+            language=item.language, sources=[str(item.source.resolve())],
+            references=[Reference(kind="image", value=str(item.reference.resolve()))] if item.reference else [],
+            metadata=item.metadata, status=status, edit=edit, score=score, error=error, notes=notes or [],
+            elapsed=Elapsed(edit_s=round(elapsed.edit_s, 4), score_s=round(elapsed.score_s, 4)),
+            editor=editor, judge=judge, finished_at=_now(),
+        ))
+        if error is not None:
+            log.warning("item %r failed at %s: %s", item.id, error.stage, error.message)
 
 
 class _Progress:
@@ -365,9 +406,22 @@ def _load_source(item: Item) -> tuple[np.ndarray, str | None]:
     return array, f"source: {note}" if note else None
 
 
-def _edit_part(path: str | None, seed: int, elapsed_s: float, notes: list[str], error: ItemError | None) -> dict[str, Any]:
-    return {"status": "failed" if error else "ok", "path": path, "elapsed_s": round(elapsed_s, 4), "seed": seed,
-            "notes": notes, "error": {"code": error.code, "message": error.message} if error else None}
+def _failure(stage: Stage, error: ItemError) -> Failure:
+    return Failure(stage=stage, code=error.code, message=error.message, raw=list(error.raw))
+
+
+def _judge(scorer: Status, verdict: Verdict | None) -> JudgeIdentity:
+    """The judge of one item: the scorer's identity, and the rubric and mode its verdict came from
+    (the scorer's defaults when there is no verdict)."""
+    defaults = scorer.score_defaults
+    if verdict is not None:
+        rubric = (verdict.rubric_id, verdict.rubric_version, verdict.mode)
+    elif defaults is not None:
+        rubric = (defaults.rubric_id, defaults.rubric_version, defaults.mode)
+    else:
+        rubric = ("", "", "")
+    identity = msgspec.structs.asdict(scorer.identity())
+    return JudgeIdentity(**identity, rubric_id=rubric[0], rubric_version=rubric[1], mode=rubric[2])
 
 
 def _wait_ready(endpoint: str, deadline_s: float) -> Status:
@@ -395,35 +449,31 @@ def _wait_ready(endpoint: str, deadline_s: float) -> Status:
 
 
 def _manifest(config: RunConfig, editors: Sequence[Status], scorer: Status | None, n_items: int,
-              problems: Sequence[Any]) -> dict[str, Any]:
-    editor_info = [msgspec.to_builtins(s) for s in editors]
-    scorer_info = msgspec.to_builtins(scorer) if scorer else None
-    rubric = ({"id": scorer.details.get("rubric_id", ""), "version": scorer.details.get("rubric_version", "")}
-              if scorer else None)
-    return {
-        "editstack_version": editstack.__version__,
-        "git_commit": _git_commit(),
-        "started_at": _now(),
-        "finished_at": None,
-        "dataset": {"spec": config.dataset, "items": n_items, "problems": [str(p) for p in problems]},
-        "config": msgspec.to_builtins(config),
-        "editors": editor_info,
-        "scorer": scorer_info,
-        "rubric": rubric,
-        # a parameter the config leaves to the editor is recorded as the editor's default
-        "params": {"steps": _or_default(config.editor.steps, editors, "steps"),
-                   "guidance": _or_default(config.editor.guidance, editors, "guidance"),
-                   "negative_prompt": config.editor.negative_prompt, "seed": config.editor.seed,
-                   "seed_rule": "item seed = (seed * 1000003 + crc32(item id)) mod 2^31"},
-        "embedded_tiny": {"editor": any(s.details.get("embedded_tiny") == "true" for s in editors),
-                          "scorer": bool(scorer and scorer.details.get("embedded_tiny") == "true")},
-    }
-
-
-def _or_default(value: Any, editors: Sequence[Status], name: str) -> Any:
-    if value is not None or not editors:
-        return value
-    return f"editor default {editors[0].details.get(name, '?')}"
+              problems: Sequence[Any]) -> Manifest:
+    score_defaults = scorer.score_defaults if scorer else None
+    # a parameter the config leaves to the editor is recorded as the editor's default
+    edit_defaults = next((s.edit_defaults for s in editors if s.edit_defaults), None)
+    cfg = config.editor
+    params = {"steps": cfg.steps, "guidance": cfg.guidance, "negative_prompt": cfg.negative_prompt,
+              "width": cfg.width, "height": cfg.height}
+    from_defaults = [name for name, value in params.items() if value is None and edit_defaults is not None]
+    for name in from_defaults:
+        params[name] = getattr(edit_defaults, name)
+    return Manifest(
+        schema=SCHEMA_VERSION,
+        editstack_version=editstack.__version__,
+        git_commit=_git_commit(),
+        started_at=_now(),
+        dataset=DatasetInfo(spec=config.dataset, items=n_items, problems=[str(p) for p in problems]),
+        config=config,
+        editors=list(editors),
+        scorer=scorer,
+        rubric=RubricInfo(score_defaults.rubric_id, score_defaults.rubric_version) if score_defaults else None,
+        params=RunParams(**params, seed=cfg.seed, seed_rule="item seed = (seed * 1000003 + crc32(item id)) mod 2^31",
+                         from_editor_defaults=from_defaults),
+        embedded_tiny=EmbeddedTiny(editor=any(s.embedded_tiny for s in editors),
+                                   scorer=bool(scorer and scorer.embedded_tiny)),
+    )
 
 
 def _git_commit() -> str | None:

@@ -22,8 +22,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from editstack.datasets import MANIFEST_NAME
-from editstack.files import write_atomic
+from editstack.runner.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -159,11 +158,11 @@ CATEGORY_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
-def write_sample(out_dir: Path) -> Path:
-    """Write the sample's PNGs and manifest under `out_dir` (unless this version is already
-    there) and return the manifest's path."""
+def write_sample(out_dir: Path, manifest_name: str) -> Path:
+    """Write the sample's PNGs and its manifest, named `manifest_name`, under `out_dir` (unless this
+    version is already there) and return the manifest's path."""
     out_dir = Path(out_dir)
-    manifest = out_dir / MANIFEST_NAME
+    manifest = out_dir / manifest_name
     marker = out_dir / _MARKER_NAME
     marker_text = f"editstack sample benchmark, version {SAMPLE_VERSION}\n"
     if manifest.is_file() and marker.is_file() and marker.read_text(encoding="utf-8") == marker_text:

@@ -27,9 +27,9 @@ import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from editstack.codec import Blobs, Limits, decode_reply, decode_request, encode
+from editstack.wire.codec import Blobs, Limits, decode_reply, decode_request, encode
 from editstack.errors import ProtocolError, RemoteError, ServiceUnavailable
-from editstack.protocol import (
+from editstack.wire.protocol import (
     EditReply,
     EditRequest,
     ErrorReply,

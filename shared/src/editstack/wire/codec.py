@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from editstack.errors import ImageError, LimitExceeded, ProtocolError
-from editstack.protocol import (
+from editstack.wire.protocol import (
     PROTOCOL_VERSION,
     EditReply,
     EditRequest,

@@ -23,10 +23,10 @@ from typing import Any
 
 import msgspec
 
-from editstack.codec import Blobs, Limits, encode_png, read_image, read_image_file
+from editstack.wire.codec import Blobs, Limits, encode_png, read_image, read_image_file
 from editstack.errors import EditstackError, RemoteError, ServiceUnavailable
-from editstack.protocol import EditItem, EditParams, EditRequest, ScoreItem, ScoreRequest
-from editstack.transport import Client
+from editstack.wire.protocol import EditItem, EditParams, EditRequest, ScoreItem, ScoreRequest
+from editstack.wire.transport import Client
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -49,8 +49,9 @@ def _ping(args: argparse.Namespace) -> int:
         print(json.dumps(msgspec.to_builtins(status)))
     else:
         versions = " ".join(f"{k}={v}" for k, v in status.versions.items())
-        print(f"{status.service} {status.state}: {status.model}@{status.revision or '-'} on {status.device} "
-              f"({status.workers} worker(s)) {versions}".rstrip())
+        served = f" ({status.backend}, {status.dtype})" if status.backend else ""
+        print(f"{status.service} {status.state}: {status.model}@{status.revision or '-'}{served} on "
+              f"{','.join(status.devices) or '-'} ({status.workers} worker(s)) {versions}".rstrip())
     return EXIT_OK if status.state == "ready" else EXIT_FAILED
 
 
@@ -92,8 +93,8 @@ def _score(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     # the runner's extras (yaml, tqdm) are not installed in the service images: import on use
-    from editstack.config import load_config
-    from editstack.runner import run
+    from editstack.runner.config import load_config
+    from editstack.runner.pipeline import run
 
     overrides = {key: value for key, value in {
         "dataset": args.dataset, "categories": args.categories, "limit": args.limit, "run_dir": args.run_dir,

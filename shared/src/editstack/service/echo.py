@@ -4,7 +4,7 @@ It is the transport's reference peer for tests and `scripts/bench transport`: th
 limits and codec with no model behind them. Its knobs simulate a slow start (`--load-s`) and slow
 requests (`--delay-s` for the first `--delay-count` work requests).
 
-    python -m editstack.echo ipc:///tmp/echo.sock [--load-s S] [--delay-s S --delay-count N]
+    python -m editstack.service.echo ipc:///tmp/echo.sock [--load-s S] [--delay-s S --delay-count N]
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import argparse
 import threading
 import time
 
-from editstack.codec import Blobs, Limits, read_image
+from editstack.wire.codec import Blobs, Limits, read_image
 from editstack.errors import ImageError
-from editstack.protocol import EditReply, EditRequest, EditResult, ErrorReply, ItemError, Reply, ScoreRequest, Status
-from editstack.service import run_service
-from editstack.transport import Server
+from editstack.wire.protocol import EditReply, EditRequest, EditResult, ErrorReply, ItemError, Reply, ScoreRequest, Status
+from editstack.service.process import run_service
+from editstack.wire.transport import Server
 
 
 class EchoWorker:
@@ -49,7 +49,7 @@ class EchoWorker:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m editstack.echo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m editstack.service.echo", description=__doc__.splitlines()[0])
     parser.add_argument("endpoint")
     parser.add_argument("--load-s", type=float, default=0.0, help="simulated model load time")
     parser.add_argument("--delay-s", type=float, default=0.0, help="extra time for each delayed request")
@@ -62,7 +62,7 @@ def main() -> int:
 
     def status(server: Server) -> Status:
         state = "ready" if server.workers else "loading"
-        return Status(service="echo", state=state, model="echo", revision="", device="cpu", workers=server.workers)
+        return Status(service="echo", state=state, model="echo", backend="echo", devices=["cpu"], workers=server.workers)
 
     def load() -> EchoWorker:
         time.sleep(args.load_s)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from editstack.service.processors import drop_video_processor
+
 log = logging.getLogger(__name__)
 
 # the builders write this file into a tiny model's folder: what it produces means nothing
@@ -82,25 +84,6 @@ def write_qwen_tokenizer(out_dir: str | Path, vocab_size: int = 600, chat_templa
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS + ADDED_TOKENS}
     ids["vocab_size"] = tok.get_vocab_size(with_added_tokens=True)
     return ids
-
-
-def drop_video_processor(*processor_classes: type) -> bool:
-    """Let Qwen processors load without torchvision, image-only.
-
-    Every Qwen video processor needs torchvision, and PyPI's torchvision does not import beside the
-    CPU torch build. The processors refuse `video_processor=None`, so the sub-processor is dropped
-    from the class; image-only calls never touch it. Call before building and before any
-    `from_pretrained`. Does nothing (returns False) where torchvision works, as on the GPU images.
-    """
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():
-        return False
-    for cls in processor_classes:
-        cls.attributes = ["image_processor", "tokenizer"]  # transformers 4.57 reads this
-        if hasattr(cls, "get_attributes"):  # transformers 5.x derives it from the __init__ signature
-            cls.get_attributes = classmethod(lambda c: ["image_processor", "tokenizer"])
-    return True
 
 
 def video_processor_kwargs(processor_class: type, video_processor_class: str) -> dict[str, Any]:

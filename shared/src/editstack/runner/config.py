@@ -1,0 +1,122 @@
+"""Benchmark run configuration: defaults < the YAML file < command-line flags.
+
+Every field has a default (the built-in sample on the embedded tiny models through the local
+sockets `scripts/run-local` starts), so an empty file is a valid config. Everything is checked
+once, here, when the config loads: unknown keys and out-of-range values are errors naming their
+path (`$.scorer.items_per_request`), never ignored or clamped later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+from editstack.errors import ConfigError
+from editstack.wire.protocol import JudgeMode
+from editstack.wire.transport import check_endpoint
+
+# msgspec checks these bounds during `convert`, and its error names the offending path
+AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class EditorConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """How the runner uses the editor services; None sampling values take the service's defaults."""
+
+    endpoints: list[str] = msgspec.field(default_factory=lambda: ["ipc:///tmp/editstack/editor.sock"])
+    # items the runner puts in one edit request; the editor's EDITOR_BATCH_SIZE is its own,
+    # separate per-forward-pass size (how many of those items one pipeline call edits)
+    items_per_request: AtLeastOne = 4
+    timeout_s: Seconds = 300.0  # one request's reply wait before the client resends
+    retries: NonNegativeInt = 1  # resends per call (Lazy Pirate)
+    deadline_s: Seconds = 600.0  # how long a batch keeps trying an unavailable service before it fails
+    steps: AtLeastOne | None = None
+    guidance: NonNegativeFloat | None = None
+    negative_prompt: str | None = None
+    seed: NonNegativeInt = 0  # base seed; each item's seed is derived from it and the item id
+    width: AtLeastOne | None = None  # set both width and height, or neither
+    height: AtLeastOne | None = None
+
+
+class ScorerConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """How the runner uses the scorer service; None mode/rubric take the service's defaults."""
+
+    endpoint: str = "ipc:///tmp/editstack/scorer.sock"
+    # items the runner puts in one score request; the scorer's SCORER_BATCH_SIZE is its own,
+    # separate per-forward-pass size (how many of those items one model call judges)
+    items_per_request: AtLeastOne = 4
+    timeout_s: Seconds = 300.0
+    retries: NonNegativeInt = 1
+    deadline_s: Seconds = 600.0
+    mode: JudgeMode | None = None
+    rubric: str | None = None
+
+
+class RunConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """One benchmark run."""
+
+    dataset: str = "sample"
+    categories: list[str] = []
+    limit: NonNegativeInt | None = None
+    strict: bool = False
+    run_dir: str = "runs/latest"
+    only: Literal["edit", "score"] | None = None
+    edits: str | None = None  # with only=score: a run folder or a <category>/<id>.png folder
+    queue_batches: AtLeastOne = 2  # edited batches waiting for the scorer (back-pressure)
+    editor: EditorConfig = msgspec.field(default_factory=EditorConfig)
+    scorer: ScorerConfig = msgspec.field(default_factory=ScorerConfig)
+
+
+def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """The file's values over the defaults, then `overrides` (dotted keys, e.g. "editor.items_per_request")."""
+    source = f"config {path or '(defaults)'}"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    for key, value in (overrides or {}).items():
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        config = msgspec.convert(data, RunConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    _check_combinations(config, source)
+    return config
+
+
+def _check_combinations(config: RunConfig, source: str) -> None:
+    """What msgspec's per-field constraints cannot say: endpoint schemes and rules across keys."""
+    endpoints = {f"editor.endpoints[{i}]": endpoint for i, endpoint in enumerate(config.editor.endpoints)}
+    endpoints["scorer.endpoint"] = config.scorer.endpoint
+    for key, endpoint in endpoints.items():
+        try:
+            check_endpoint(endpoint)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {key}: {exc}") from exc
+    if (config.editor.width is None) != (config.editor.height is None):
+        raise ConfigError(f"{source}: editor.width and editor.height must be set together "
+                          f"(got width={config.editor.width}, height={config.editor.height})")
+    if config.only == "score" and not config.edits:
+        raise ConfigError(f"{source}: only=score needs edits: the folder of existing edits to score")
+    if not config.editor.endpoints and config.only != "score":
+        raise ConfigError(f"{source}: editor.endpoints is empty")
+
+
+def to_yaml(config: RunConfig) -> str:
+    """The resolved config as YAML (what the run folder records)."""
+    return yaml.safe_dump(msgspec.to_builtins(config), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,41 @@
+"""Per item, what both services share: the input checks made before the model sees an item, and
+the item's error when it fails. A failure names the item, the field and the cause, and fails that
+item alone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from editstack.errors import ImageError, ItemFailure
+from editstack.wire.codec import Limits, as_rgb, read_image
+from editstack.wire.protocol import ImageRef, ItemError
+
+
+def read_rgb(item_id: str, field: str, ref: ImageRef | None, blobs: Sequence[memoryview], limits: Limits,
+             notes: list[str]) -> np.ndarray:
+    """The item's image as RGB; a conversion is appended to `notes`; ItemFailure names item and field."""
+    if ref is None:
+        raise ItemFailure("missing_image", f"item {item_id!r} field {field!r}: no image was sent")
+    try:
+        rgb, note = as_rgb(read_image(ref, blobs, limits))
+    except ImageError as exc:
+        raise ItemFailure("bad_image", f"item {item_id!r} field {field!r}: {exc}") from exc
+    if note:
+        notes.append(f"{field}: {note}")
+    return rgb
+
+
+def require_instruction(item_id: str, instruction: str) -> str:
+    if not instruction.strip():
+        raise ItemFailure("bad_instruction", f"item {item_id!r} field 'instruction': empty instruction")
+    return instruction
+
+
+def item_error(item_id: str, failure: Exception) -> ItemError:
+    """The wire error of a failed item: a backend's coded ItemFailure keeps its code (and raw output);
+    any other exception is a defect, "internal"."""
+    if isinstance(failure, ItemFailure):
+        return ItemError(failure.error.code, f"item {item_id!r}: {failure.error.message}", raw=failure.error.raw)
+    return ItemError("internal", f"item {item_id!r}: {type(failure).__name__}: {failure}")

@@ -1,0 +1,92 @@
+"""Fakes for fast runner tests: services served in-process on the real transport (a real ROUTER
+socket, the real codec and Lazy Pirate client), with model-free workers. The editor side is the real
+echo worker; the scorer side is `FakeScorerWorker`, a stand-in judge whose verdicts are arithmetic
+on the item id. Named as fakes: nothing here measures anything."""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from editstack.service.echo import EchoWorker
+from editstack.wire.codec import Blobs, Limits
+from editstack.wire.protocol import (
+    EditDefaults,
+    EditRequest,
+    ErrorReply,
+    ItemError,
+    Reply,
+    ScoreDefaults,
+    ScoreReply,
+    ScoreRequest,
+    ScoreResult,
+    Status,
+    Verdict,
+)
+from editstack.wire.transport import Server, Worker
+
+FAKE_AGGREGATION = "fake: sc = crc32(id) mod 11, pq = 5, overall = sqrt(sc * pq)"
+FAIL_MARK = "fail the judge"  # an instruction holding this gets a model_error from the fake judge
+
+
+def fake_sc(item_id: str) -> float:
+    return float(zlib.crc32(item_id.encode()) % 11)
+
+
+class FakeScorerWorker:
+    """A fake judge: sc from the item id, pq 5, a model_error for instructions holding FAIL_MARK."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    def handle(self, request: EditRequest | ScoreRequest, blobs: list[memoryview]) -> tuple[Reply, Blobs | None]:
+        if not isinstance(request, ScoreRequest):
+            return ErrorReply("unsupported", "the fake scorer only answers score requests"), None
+        self.requests += 1
+        results = []
+        for item in request.items:
+            if FAIL_MARK in item.instruction:
+                results.append(ScoreResult(id=item.id, error=ItemError("model_error", f"item {item.id!r}: fake failure")))
+                continue
+            sc, pq = fake_sc(item.id), 5.0
+            verdict = Verdict(rubric_id="fake", rubric_version="1", mode="logits", sub_scores={"sc": sc, "pq": pq},
+                              sc=sc, pq=pq, overall=(sc * pq) ** 0.5, aggregation=FAKE_AGGREGATION)
+            results.append(ScoreResult(id=item.id, verdict=verdict, elapsed_s=0.001))
+        return ScoreReply(items=results), None
+
+
+def echo_status(server: Server) -> Status:
+    return Status(service="editor", state="ready" if server.workers else "loading", model="echo", backend="echo",
+                  dtype="uint8", devices=["cpu"], workers=server.workers,
+                  edit_defaults=EditDefaults(steps=4, guidance=1.0, negative_prompt=" "))
+
+
+def fake_scorer_status(server: Server) -> Status:
+    defaults = ScoreDefaults(mode="logits", rubric_id="fake", rubric_version="1", aggregation=FAKE_AGGREGATION)
+    return Status(service="scorer", state="ready" if server.workers else "loading", model="fake-judge",
+                  backend="fake", dtype="float32", devices=["cpu"], workers=server.workers, score_defaults=defaults)
+
+
+@contextmanager
+def in_process_service(endpoint: str, status: Callable[[Server], Status], worker: Worker) -> Iterator[Server]:
+    """`worker` served on `endpoint` by the real server loop, in a thread of this process."""
+    server = Server(endpoint, lambda: status(server), Limits())
+    server.add_worker(worker)
+    thread = threading.Thread(target=server.run, name=f"fake-{endpoint}", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stopped.set()
+        thread.join(timeout=5)
+
+
+@contextmanager
+def fake_services(folder: str) -> Iterator[dict[str, str]]:
+    """An echo editor and a fake scorer on ipc sockets in `folder`; yields their endpoints."""
+    editor, scorer = f"ipc://{folder}/editor.sock", f"ipc://{folder}/scorer.sock"
+    with in_process_service(editor, echo_status, EchoWorker(Limits())), \
+            in_process_service(scorer, fake_scorer_status, FakeScorerWorker()):
+        yield {"editor": editor, "scorer": scorer}
