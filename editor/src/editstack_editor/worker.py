@@ -82,7 +82,7 @@ class EditorWorker:
             try:
                 if param_problem:
                     raise ItemFailure("bad_param", f"item {item.id!r} {param_problem}")
-                require_instruction(item.id, item.instruction)
+                require_instruction(item.id, item.instruction, self.limits)
                 rgb = read_rgb(item.id, "image", item.image, blobs, self.limits, notes)
                 width, height = self._output_size(item, rgb)
             except ItemFailure as failure:

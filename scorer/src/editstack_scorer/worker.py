@@ -59,7 +59,7 @@ class ScorerWorker:
             try:
                 if request_problem:
                     raise ItemFailure("bad_param", f"item {item.id!r} {request_problem}")
-                require_instruction(item.id, item.instruction)
+                require_instruction(item.id, item.instruction, self.limits)
                 source = read_rgb(item.id, "source", item.source, blobs, self.limits, notes)
                 edited = read_rgb(item.id, "edited", item.edited, blobs, self.limits, notes)
             except ItemFailure as failure:

@@ -52,6 +52,9 @@ def _ping(args: argparse.Namespace) -> int:
         served = f" ({status.backend}, {status.dtype})" if status.backend else ""
         print(f"{status.service} {status.state}: {status.model}@{status.revision or '-'}{served} on "
               f"{','.join(status.devices) or '-'} ({status.workers} worker(s)) {versions}".rstrip())
+    if status.state == "failed":
+        print(f"{status.service} failed: {status.error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     return EXIT_OK if status.state == "ready" else EXIT_FAILED
 
 

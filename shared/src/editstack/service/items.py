@@ -27,9 +27,14 @@ def read_rgb(item_id: str, field: str, ref: ImageRef | None, blobs: Sequence[mem
     return rgb
 
 
-def require_instruction(item_id: str, instruction: str) -> str:
+def require_instruction(item_id: str, instruction: str, limits: Limits) -> str:
+    """The instruction, unless it is empty or longer than the limit (a long one would hold a worker
+    for minutes while every other request waits)."""
     if not instruction.strip():
         raise ItemFailure("bad_instruction", f"item {item_id!r} field 'instruction': empty instruction")
+    if len(instruction) > limits.max_instruction_chars:
+        raise ItemFailure("limit_exceeded", f"item {item_id!r} field 'instruction': {len(instruction)} characters "
+                                            f"is over the limit of {limits.max_instruction_chars}")
     return instruction
 
 

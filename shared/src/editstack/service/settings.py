@@ -20,10 +20,11 @@ class LimitSettings(msgspec.Struct, frozen=True):
     max_message_bytes: int = Limits.max_message_bytes
     max_image_px: int = Limits.max_image_px
     max_batch: int = Limits.max_batch
+    max_instruction_chars: int = Limits.max_instruction_chars
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.max_message_bytes, self.max_image_px, self.max_batch)
+        return Limits(self.max_message_bytes, self.max_image_px, self.max_batch, self.max_instruction_chars)
 
 
 def settings_from_env(cls: type[S], prefix: str, environ: Mapping[str, str] | None = None) -> S:

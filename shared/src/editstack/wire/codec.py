@@ -44,6 +44,7 @@ class Limits:
     max_message_bytes: int = 256 * 2**20
     max_image_px: int = 4096 * 4096
     max_batch: int = 16
+    max_instruction_chars: int = 4096
 
 
 class Blobs:

@@ -15,8 +15,12 @@ Messages by direction (the "op" tag is the wire name; renaming a class never cha
     score    ScoreRequest       score_reply   ScoreReply (one ScoreResult per item, same order)
                                 error         ErrorReply (the message as a whole was refused)
 
-A service's states: loading → ready. `ping` is answered in both; work requests made while loading
-get ErrorReply(code="loading", retryable=True). One bad item never fails its batch: it gets an
+A service's states: loading → ready, or loading → failed when its model cannot load (the process
+stays up so that `ping` can say why: Status.error holds the root cause in one line). `ping` is
+answered in every state; work requests made while loading get ErrorReply(code="loading",
+retryable=True), while failed ErrorReply(code="failed"). A work request may carry `deadline_s`:
+a service does not start it later than that many seconds after it arrived (its client has given
+up on it by then), and answers ErrorReply(code="expired") instead. One bad item never fails its batch: it gets an
 ItemError in its result, and never a made-up image or score. A judgement is a `Verdict`: the same
 type from the judge through this wire into the run folder's journal and the reports.
 
@@ -24,8 +28,10 @@ Error codes (`ErrorCode`), one list for both services and the runner:
 
     code               where                  meaning
     bad_message        ErrorReply             the message breaks the wire rules (version, header, frames)
-    limit_exceeded     ErrorReply             a message, batch or image over a configured limit
+    limit_exceeded     ErrorReply, ItemError  a message, batch, image or instruction over a configured limit
     loading            ErrorReply (retry)     the model is still loading
+    failed             ErrorReply             the model could not load (Status.error says why)
+    expired            ErrorReply             the request waited past its deadline_s; not started
     busy               ErrorReply (retry)     too many requests queued
     unsupported        ErrorReply             an operation this service does not serve
     internal           ErrorReply, ItemError  a bug or an unexpected failure in the service
@@ -50,11 +56,11 @@ import msgspec
 
 PROTOCOL_VERSION = b"editstack/2"
 
-ServiceState = Literal["loading", "ready"]
+ServiceState = Literal["loading", "ready", "failed"]
 ImageEncoding = Literal["raw", "png"]
 JudgeMode = Literal["logits", "generate"]
 ErrorCode = Literal[
-    "bad_message", "limit_exceeded", "loading", "busy", "unsupported", "internal",
+    "bad_message", "limit_exceeded", "loading", "failed", "expired", "busy", "unsupported", "internal",
     "missing_image", "bad_image", "bad_instruction", "bad_param", "bad_input", "model_error", "unparseable_reply",
     "service_unavailable",
 ]
@@ -107,6 +113,7 @@ class EditParams(msgspec.Struct, frozen=True):
 class EditRequest(msgspec.Struct, tag="edit", tag_field="op", frozen=True):
     items: list[EditItem]
     params: EditParams = EditParams()
+    deadline_s: float | None = None  # not started later than this after arrival (None: no deadline)
 
 
 class ScoreItem(msgspec.Struct, frozen=True):
@@ -122,6 +129,7 @@ class ScoreRequest(msgspec.Struct, tag="score", tag_field="op", frozen=True):
     items: list[ScoreItem]
     mode: str | None = None  # checked by the scorer, so an unknown mode fails its items with bad_param
     rubric: str | None = None
+    deadline_s: float | None = None  # not started later than this after arrival (None: no deadline)
 
 
 # ---- service → client -------------------------------------------------------------------------
