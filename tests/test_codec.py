@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
-from editstack.wire.codec import Blobs, Limits, as_rgb, decode_reply, decode_request, encode, encode_png, read_image
+from editstack.wire.codec import (
+    MAX_HEADER_DEPTH,
+    Blobs,
+    Limits,
+    as_rgb,
+    decode_reply,
+    decode_request,
+    encode,
+    encode_png,
+    read_image,
+    read_image_as_rgb,
+    read_image_file,
+)
 from editstack.errors import ImageError, LimitExceeded, ProtocolError
-from editstack.wire.protocol import PROTOCOL_VERSION, EditItem, EditReply, EditRequest, EditResult, ImageRef, Ping
+from editstack.wire.protocol import (
+    PROTOCOL_VERSION,
+    EditItem,
+    EditParams,
+    EditReply,
+    EditRequest,
+    EditResult,
+    ImageRef,
+    Ping,
+)
 
 LIMITS = Limits()
 
@@ -114,3 +138,80 @@ def test_pixel_limit_and_bad_png_are_item_errors() -> None:
         read_image(ImageRef(0, "png"), [memoryview(b"\x89PNG\r\n\x1a\nnot really")], LIMITS)
     with pytest.raises(ImageError, match="empty image"):
         read_image(ImageRef(0, "raw", (0, 4, 3), "uint8"), [memoryview(b"")], LIMITS)
+
+
+def _deep_ping(depth: int) -> bytes:
+    """A ping whose unknown field `x` holds arrays nested `depth` deep: 1 KB that msgspec skips by recursion."""
+    return b"\x82\xa2op\xa4ping\xa1x" + b"\x91" * depth + b"\xc0"
+
+
+def test_deeply_nested_header_is_refused_before_decoding_naming_the_depth() -> None:
+    for decode in (lambda frames: decode_request(frames, LIMITS), decode_reply):
+        with pytest.raises(ProtocolError, match=f"nested deeper than {MAX_HEADER_DEPTH} levels"):
+            decode([PROTOCOL_VERSION, _deep_ping(1000)])
+    # the bound counts the ping's own map: arrays to MAX_HEADER_DEPTH - 1 deep are within it
+    assert decode_request([PROTOCOL_VERSION, _deep_ping(MAX_HEADER_DEPTH - 1)], LIMITS)[0] == Ping()
+    with pytest.raises(ProtocolError, match="nested deeper"):
+        decode_request([PROTOCOL_VERSION, _deep_ping(MAX_HEADER_DEPTH)], LIMITS)
+
+
+def test_header_over_its_size_bound_is_refused_before_decoding() -> None:
+    limits = Limits(max_batch=1, max_instruction_chars=10)
+    long_prompt = EditRequest([], EditParams(negative_prompt="n" * limits.max_header_bytes))
+    with pytest.raises(LimitExceeded, match=f"header of .* bytes is over the limit of {limits.max_header_bytes}"):
+        decode_request(encode(long_prompt), limits)
+    # a full batch of longest instructions (4 bytes a character in UTF-8) is within the bound
+    blobs = Blobs()
+    items = [EditItem(id="i" * 200, instruction="天" * LIMITS.max_instruction_chars, image=blobs.add(_image(2, 2)),
+                      seed=2**63 - 1, width=2**31, height=2**31) for _ in range(LIMITS.max_batch)]
+    frames = [bytes(memoryview(f).cast("B")) if isinstance(f, np.ndarray) else f for f in encode(EditRequest(items), blobs)]
+    assert len(decode_request(frames, LIMITS)[0].items) == LIMITS.max_batch
+
+
+@pytest.mark.parametrize("field", ["id", "instruction"])
+def test_invalid_utf8_in_an_item_string_is_a_malformed_header(field: str) -> None:
+    item = EditItem(id="MARKER" if field == "id" else "a", instruction="MARKER" if field == "instruction" else "x",
+                    image=ImageRef(0, "raw", (1, 1, 3), "uint8"))
+    header = encode(EditRequest([item]))[1].replace(b"MARKER", b"\xff\xfe\xed\xa0\x80!")  # bad start byte, a surrogate
+    with pytest.raises(ProtocolError, match="malformed header: invalid UTF-8"):
+        decode_request([PROTOCOL_VERSION, header, b"\x00" * 3], LIMITS)
+
+
+@pytest.mark.parametrize("deadline_s", [-1.0, float("nan")])
+def test_a_negative_or_nan_deadline_is_refused(deadline_s: float) -> None:
+    with pytest.raises(ProtocolError, match="field 'deadline_s'"):
+        decode_request(encode(EditRequest([], deadline_s=deadline_s)), LIMITS)
+    assert decode_request(encode(EditRequest([], deadline_s=0.0)), LIMITS)[0].deadline_s == 0.0
+
+
+def _png_of_mode(mode: str) -> bytes:
+    gray = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
+    image = Image.fromarray(gray).convert(mode) if mode != "I;16" else Image.fromarray(gray.astype(np.uint16) * 257)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("mode", "note"),
+    [("P", "converted P to RGB"), ("I;16", "converted I;16 to RGB"), ("1", "converted 1 to RGB"),
+     ("LA", "converted LA to RGB over white"), ("L", "converted grayscale (L) to RGB"),
+     ("RGBA", "converted RGBA to RGB over white"), ("RGB", None)],
+)
+def test_png_conversion_notes_name_the_images_own_mode(tmp_path, mode: str, note: str | None) -> None:
+    data = _png_of_mode(mode)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    rgb, got = read_image_as_rgb(ImageRef(0, "png"), [memoryview(data)], LIMITS)
+    assert got == note and rgb.shape == (6, 8, 3) and rgb.dtype == np.uint8
+    path = tmp_path / "image.png"
+    path.write_bytes(data)
+    _, file_note = read_image_file(path)  # the runner's reader: L, RGB and RGBA go on unconverted
+    assert file_note == (None if mode in ("L", "RGB", "RGBA") else note)
+
+
+def test_a_transparent_palette_png_is_flattened_over_white_and_says_so() -> None:
+    image = Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).convert("P")
+    out = io.BytesIO()
+    image.save(out, format="PNG", transparency=0)
+    rgb, note = read_image_as_rgb(ImageRef(0, "png"), [memoryview(out.getvalue())], LIMITS)
+    assert note == "converted P to RGB over white" and (rgb == 255).all()

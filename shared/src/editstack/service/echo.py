@@ -1,10 +1,12 @@
 """A model-free service that edits by returning each source image unchanged.
 
 It is the transport's reference peer for tests and `scripts/bench transport`: the real server loop,
-limits and codec with no model behind them. Its knobs simulate a slow start (`--load-s`) and slow
-requests (`--delay-s` for the first `--delay-count` work requests).
+limits and codec with no model behind them. Its knobs simulate a slow start (`--load-s`), a model
+that cannot load (`--fail-load MESSAGE`) and slow requests (`--delay-s` for the first
+`--delay-count` work requests).
 
-    python -m editstack.service.echo ipc:///tmp/echo.sock [--load-s S] [--delay-s S --delay-count N]
+    python -m editstack.service.echo ipc:///tmp/echo.sock [--load-s S] [--fail-load MESSAGE]
+                                                           [--delay-s S --delay-count N]
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m editstack.service.echo", description=__doc__.splitlines()[0])
     parser.add_argument("endpoint")
     parser.add_argument("--load-s", type=float, default=0.0, help="simulated model load time")
+    parser.add_argument("--fail-load", metavar="MESSAGE", help="fail loading, with an OSError(MESSAGE) as the root cause")
     parser.add_argument("--delay-s", type=float, default=0.0, help="extra time for each delayed request")
     parser.add_argument("--delay-count", type=int, default=0, help="how many work requests are delayed")
     parser.add_argument("--max-message-bytes", type=int, default=Limits.max_message_bytes)
@@ -66,6 +69,9 @@ def main() -> int:
 
     def load() -> EchoWorker:
         time.sleep(args.load_s)
+        if args.fail_load:
+            # wrapped, as model libraries wrap their causes: the service must name the root
+            raise RuntimeError("the echo model failed to load") from OSError(args.fail_load)
         return EchoWorker(limits, args.delay_s, args.delay_count)
 
     return run_service(args.endpoint, limits, status, [load])

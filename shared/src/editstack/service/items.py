@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from editstack.errors import ImageError, ItemFailure
-from editstack.wire.codec import Limits, as_rgb, read_image
+from editstack.wire.codec import Limits, read_image_as_rgb
 from editstack.wire.protocol import ImageRef, ItemError
 
 
@@ -19,7 +19,7 @@ def read_rgb(item_id: str, field: str, ref: ImageRef | None, blobs: Sequence[mem
     if ref is None:
         raise ItemFailure("missing_image", f"item {item_id!r} field {field!r}: no image was sent")
     try:
-        rgb, note = as_rgb(read_image(ref, blobs, limits))
+        rgb, note = read_image_as_rgb(ref, blobs, limits)
     except ImageError as exc:
         raise ItemFailure("bad_image", f"item {item_id!r} field {field!r}: {exc}") from exc
     if note:

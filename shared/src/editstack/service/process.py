@@ -1,19 +1,38 @@
-"""A service process: its entry point, what it says about itself, and its embedded tiny model."""
+"""A service process: its entry point and life (loading, failed, stopping), what it says about
+itself, and its embedded tiny model."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 
+import zmq
+
 from editstack.service.tinymodels import TINY_MARKER
 from editstack.wire.codec import Limits
 from editstack.wire.protocol import Status
-from editstack.wire.transport import Server, Worker, serve_forever
+from editstack.wire.transport import Server, Worker, claim_ipc_path
 
 log = logging.getLogger(__name__)
+
+# Kinds of load failure, each recognised by a class name anywhere in the exception's chain (the
+# deepest first): this package imports neither huggingface_hub nor torch, whose classes most are.
+_LOAD_FAILURES = (
+    ("hub unreachable", {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectionError", "ConnectError",
+                         "ConnectTimeout", "Timeout", "TimeoutException", "gaierror"}),
+    ("repository or revision not found", {"RepositoryNotFoundError", "RevisionNotFoundError"}),
+    # huggingface_hub's verdict on a model name that is no folder here, read as a repository id
+    ("no such folder, and not a valid hub repository id", {"HFValidationError"}),
+    ("no such file or folder", {"FileNotFoundError", "NotADirectoryError"}),
+    ("out of memory", {"OutOfMemoryError", "MemoryError"}),
+)
+_OUT_OF_MEMORY_TEXTS = ("out of memory", "not enough memory")  # CUDA's and torch's CPU allocator's words
+_MAX_CAUSE_CHARS = 500
 
 
 def package_versions(*packages: str) -> dict[str, str]:
@@ -43,10 +62,71 @@ def is_tiny_model(model: str) -> bool:
     return (Path(model).expanduser() / TINY_MARKER).is_file()
 
 
+def load_failure_cause(exc: BaseException) -> str:
+    """Why a model failed to load, in one line: its kind when known (hub unreachable, repository or
+    revision not found, no such folder, out of memory), then `Type: message` of the root cause, the
+    deepest exception of `exc`'s __cause__/__context__ chain."""
+    chain = [exc]
+    while (inner := chain[-1].__cause__ or (None if chain[-1].__suppress_context__ else chain[-1].__context__)) \
+            is not None and inner not in chain:
+        chain.append(inner)
+    root = chain[-1]
+    cause = " ".join(f"{type(root).__name__}: {root}".split())
+    if len(cause) > _MAX_CAUSE_CHARS:
+        cause = cause[:_MAX_CAUSE_CHARS - 1] + "…"
+    for error in reversed(chain):
+        names = {cls.__name__ for cls in type(error).__mro__}
+        for kind, classes in _LOAD_FAILURES:
+            out_of_memory = kind == "out of memory" and any(t in str(error).lower() for t in _OUT_OF_MEMORY_TEXTS)
+            if names & classes or out_of_memory:
+                return f"{kind}: {cause}"
+    return cause
+
+
 def run_service(endpoint: str, limits: Limits, status: Callable[[Server], Status],
                 loaders: Sequence[Callable[[], Worker]]) -> int:
-    """Configure logging, bind `endpoint`, load the workers in the background and serve until SIGTERM."""
+    """Configure logging, bind `endpoint`, load the workers in the background and serve until
+    SIGTERM or SIGINT. Returns the exit status: 0 after a stop, 1 after a stop when the model had
+    failed to load (the service stayed up meanwhile, saying why), 2 when the endpoint is taken.
+
+    Workers load one after another (each serves as soon as it is loaded): model libraries patch
+    global state while loading (accelerate's empty-weights context), so concurrent loads collide.
+    """
     logging.basicConfig(level=os.environ.get("EDITSTACK_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    holder = claim_ipc_path(endpoint)
+    if holder is not None:
+        log.error("not starting: %s is held by %s", endpoint, holder)
+        return 2
     server = Server(endpoint, lambda: status(server), limits)
-    return serve_forever(server, loaders)
+    try:
+        server.bind()
+    except (zmq.ZMQError, OSError) as exc:  # a tcp port in use, an ipc folder this user cannot create or write
+        log.error("not starting: cannot bind %s: %s", endpoint, exc)
+        return 2
+    loader = threading.Thread(target=_load, args=(server, loaders), name="loader", daemon=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.stopped.set())
+    loader.start()
+    server.run()
+    exit_status = 0 if server.failure is None else 1
+    if server.busy or loader.is_alive():
+        # a thread inside model code cannot be interrupted, and interpreter shutdown under it aborts
+        # the process ("terminate called without an active exception", exit 134): leave at once;
+        # the unanswered requests' clients resend to the next service
+        log.warning("abandoning %d busy worker(s)%s", server.busy, " and the model loading" if loader.is_alive() else "")
+        logging.shutdown()
+        os._exit(exit_status)
+    return exit_status
+
+
+def _load(server: Server, loaders: Sequence[Callable[[], Worker]]) -> None:
+    """Load the workers in turn; on a failure the server enters the failed state, saying why."""
+    try:
+        for make in loaders:
+            server.add_worker(make())
+    except Exception as exc:
+        log.exception("the model failed to load")  # the whole traceback, once
+        cause = load_failure_cause(exc)
+        server.fail(cause)
+        log.error("failed to load: %s", cause)  # the last line: what ping says from now on
