@@ -6,8 +6,11 @@ EDITOR_DEVICES, then serves edit batches until SIGTERM.
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from collections.abc import Callable
 
+from editstack.errors import SettingsError
 from editstack.service.process import embedded_model, is_tiny_model, package_versions, run_service
 from editstack.service.settings import settings_from_env
 from editstack.wire.protocol import EditDefaults, Status
@@ -37,12 +40,17 @@ def _loader(settings: EditorSettings, device: str, loaded: list[EditorWorker]) -
 
 
 def main() -> int:
-    settings = settings_from_env(EditorSettings, "EDITOR_")
+    try:
+        settings = settings_from_env(EditorSettings, "EDITOR_")
+    except SettingsError as exc:
+        print(f"editor: {exc}", file=sys.stderr)
+        return 2
     devices = settings.device_list
     versions = package_versions("torch", "diffusers", "transformers")
     defaults = EditDefaults(steps=settings.steps, guidance=settings.guidance, negative_prompt=settings.negative_prompt,
                             width=settings.width or None, height=settings.height or None,
-                            condition_max_px=settings.condition_cap_px, batch_size=settings.batch_size)
+                            condition_max_px=settings.condition_cap_px, batch_size=settings.batch_size,
+                            limits=dataclasses.asdict(settings.limits))
     loaded: list[EditorWorker] = []
 
     def status(server: Server) -> Status:

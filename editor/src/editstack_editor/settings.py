@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from editstack.service.settings import LimitSettings
+from editstack.wire.transport import default_endpoint
 
 EMBEDDED_MODEL = "embedded-tiny"
 IDENTITY_MODEL = "identity"
@@ -12,9 +13,11 @@ EMBEDDED_CONDITION_PX = 64 * 64
 class EditorSettings(LimitSettings, frozen=True):
     """EDITOR_<FIELD> for each field, e.g. EDITOR_MODEL, EDITOR_DEVICES=cuda:0,cuda:1."""
 
+    other_names = ("gpu_ids",)  # EDITOR_GPU_IDS: the host GPUs compose reserves for the editor
+
     model: str = EMBEDDED_MODEL  # a model id or folder, "identity", or "embedded-tiny"
     revision: str = ""  # a branch, tag or commit of the model repository; "" = its default
-    endpoint: str = "ipc:///tmp/editstack/editor.sock"
+    endpoint: str = default_endpoint("editor")  # a private per-user folder; compose sets /run/editstack
     devices: str = "cpu"  # one worker, with its own copy of the model, per listed device
     dtype: str = "float32"  # float32, bfloat16 or float16
     steps: int = 4  # default sampling steps (a request may override)

@@ -6,24 +6,35 @@ serves score batches until SIGTERM.
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+
+from editstack.errors import SettingsError
 from editstack.service.process import embedded_model, is_tiny_model, package_versions, run_service
 from editstack.service.settings import settings_from_env
 from editstack.wire.protocol import ScoreDefaults, Status
 from editstack.wire.transport import Server
 
-from editstack_scorer.rubric import MODES, load_rubric
+from editstack_scorer.rubric import UnknownRubricError, load_rubric
 from editstack_scorer.settings import EMBEDDED_MODEL, ScorerSettings
 from editstack_scorer.worker import ScorerWorker
 
 
 def main() -> int:
-    settings = settings_from_env(ScorerSettings, "SCORER_")
-    if settings.mode not in MODES:
-        raise SystemExit(f"SCORER_MODE={settings.mode!r} is not one of {', '.join(MODES)}")
-    rubric = load_rubric(settings.rubric)  # an unknown rubric stops the service here, with the known ones listed
+    try:
+        settings = settings_from_env(ScorerSettings, "SCORER_")
+        rubric = load_rubric(settings.rubric)
+    except SettingsError as exc:
+        print(f"scorer: {exc}", file=sys.stderr)
+        return 2
+    except UnknownRubricError as exc:  # it lists the known ones
+        print(f"scorer: SCORER_RUBRIC={settings.rubric!r}: {exc}", file=sys.stderr)
+        return 2
     versions = package_versions("torch", "transformers")
     defaults = ScoreDefaults(mode=settings.mode, rubric_id=rubric.id, rubric_version=rubric.version,
-                             aggregation=rubric.aggregation, batch_size=settings.batch_size)
+                             aggregation=rubric.aggregation, batch_size=settings.batch_size,
+                             max_new_tokens=settings.max_new_tokens, generate_retries=settings.generate_retries,
+                             limits=dataclasses.asdict(settings.limits))
     loaded: list[ScorerWorker] = []
 
     def load() -> ScorerWorker:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from editstack.service.settings import LimitSettings
+from editstack.wire.transport import default_endpoint
+from editstack.wire.protocol import JudgeMode
 
 from editstack_scorer.rubric import DEFAULT_RUBRIC
 
@@ -12,12 +14,14 @@ EMBEDDED_MODEL = "embedded-tiny"
 class ScorerSettings(LimitSettings, frozen=True):
     """SCORER_<FIELD> for each field, e.g. SCORER_MODEL=Qwen/Qwen3-VL-8B-Instruct, SCORER_DEVICE=cuda:0."""
 
+    other_names = ("gpu_ids",)  # SCORER_GPU_IDS: the host GPUs compose reserves for the scorer
+
     model: str = EMBEDDED_MODEL  # a model id or folder, or "embedded-tiny"
     revision: str = ""  # a branch, tag or commit of the model repository; "" = its default
-    endpoint: str = "ipc:///tmp/editstack/scorer.sock"
+    endpoint: str = default_endpoint("scorer")  # a private per-user folder; compose sets /run/editstack
     device: str = "cpu"
     dtype: str = "float32"  # float32, bfloat16, float16 or auto
-    mode: str = "logits"  # default scoring mode: logits or generate (a request may override)
+    mode: JudgeMode = "logits"  # default scoring mode: logits or generate (a request may override)
     rubric: str = DEFAULT_RUBRIC  # default rubric id (a request may override)
     batch_size: int = 4  # items per forward pass
     max_new_tokens: int = 256  # generate mode: the reply's length limit

@@ -1,21 +1,34 @@
-"""Service settings: one typed object per service, read from its PREFIX_* environment variables."""
+"""Service settings: one typed object per service, read from its PREFIX_* environment variables.
+
+An empty variable means the setting's default, as an unset one does (`.env` lines such as
+`EDITOR_REVISION=` reach a container as empty strings). A PREFIX_* name that is no setting is
+logged with the closest setting's name, since a misspelt one would otherwise be ignored silently.
+"""
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import msgspec
+import msgspec.inspect
 
 from editstack.errors import SettingsError
 from editstack.wire.codec import Limits
 
-S = TypeVar("S", bound=msgspec.Struct)
+log = logging.getLogger(__name__)
+S = TypeVar("S", bound="LimitSettings")
 
 
 class LimitSettings(msgspec.Struct, frozen=True):
     """The limits every service enforces, as <PREFIX>MAX_* settings; a service's settings extend it."""
+
+    # PREFIX_* names that are not the service's settings but are read around it (compose reserves
+    # EDITOR_GPU_IDS), so they are not reported as misspelt settings
+    other_names: ClassVar[tuple[str, ...]] = ()
 
     max_message_bytes: int = Limits.max_message_bytes
     max_image_px: int = Limits.max_image_px
@@ -28,15 +41,32 @@ class LimitSettings(msgspec.Struct, frozen=True):
 
 
 def settings_from_env(cls: type[S], prefix: str, environ: Mapping[str, str] | None = None) -> S:
-    """`cls` filled from PREFIX_FIELD variables (FIELD upper-cased), typed and checked by msgspec."""
+    """`cls` filled from PREFIX_FIELD variables (FIELD upper-cased), typed and checked by msgspec.
+
+    Logs one warning for each PREFIX_* variable that names no setting; raises SettingsError naming
+    the variable and its value when a value does not fit its setting."""
     environ = os.environ if environ is None else environ
-    values = {
-        name: environ[f"{prefix}{name.upper()}"]
-        for name in cls.__struct_fields__
-        if f"{prefix}{name.upper()}" in environ
-    }
+    fields = {f"{prefix}{name.upper()}": name for name in cls.__struct_fields__}
+    known = fields.keys() | {f"{prefix}{name.upper()}" for name in cls.other_names}
+    for variable in sorted(name for name in environ if name.startswith(prefix) and name not in known):
+        # compared without the prefix, which every name shares and would make anything look close
+        close = difflib.get_close_matches(variable.removeprefix(prefix).lower(), cls.__struct_fields__, n=1)
+        log.warning("%s is not a setting, ignored%s", variable,
+                    f" (did you mean {prefix}{close[0].upper()}?)" if close else "")
+    values = {name: environ[variable] for variable, name in fields.items() if environ.get(variable)}
     try:
         return msgspec.convert(values, cls, strict=False)
     except msgspec.ValidationError as exc:
-        # msgspec names the field as `$.name`; say which variable that is
-        raise SettingsError(f"{prefix}* settings: {exc} (fields map to {prefix}<FIELD> variables)") from exc
+        name = str(exc).rpartition(" - at `$.")[2].rstrip("`")
+        variable = f"{prefix}{name.upper()}"
+        raise SettingsError(f"{variable}={environ[variable]!r}: {_expected(cls, name, exc)}") from None
+
+
+def _expected(cls: type[msgspec.Struct], name: str, exc: msgspec.ValidationError) -> str:
+    """What field `name` takes: its choices, or msgspec's "Expected `int`" without its ", got `str`"
+    (every environment value is a string)."""
+    kind = next(field.type for field in msgspec.inspect.type_info(cls).fields if field.name == name)
+    if isinstance(kind, msgspec.inspect.LiteralType):
+        return f"expected one of {', '.join(map(repr, sorted(kind.values)))}"
+    message = str(exc).rpartition(" - at `$.")[0]
+    return message.replace("Expected", "expected", 1).removesuffix(", got `str`")
