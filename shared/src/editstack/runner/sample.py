@@ -3,8 +3,9 @@
 Twelve 256×256 scenes (a sky gradient over the ground, with balls, boxes, trees, houses, a sun,
 clouds, a seesaw) in six categories: color, add, remove, replace, background and physics. Each
 scene is drawn twice, as it is and as the instruction should leave it (the reference), and is
-asked for in English and in Chinese: 24 items, ids ``<category>-<scene>-<en|zh>``. Every
-category carries aliases (``physics`` also answers to ``物理``) for ``--categories``.
+asked for in English and in Chinese: 24 items, ids ``<category>-<scene>-<en|zh>``, each with its
+expected image as an image reference. Every category carries its aliases from
+`editstack.runner.categories` (``physics`` also answers to ``物理``) for ``--categories``.
 
 Everything is drawn from constants with fixed PNG settings, so a given Pillow build writes the
 same bytes every time. `write_sample` skips the work when the folder already holds this
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from editstack.runner.categories import aliases
 from editstack.runner.files import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -147,17 +149,6 @@ def _cases() -> tuple[_Case, ...]:
     )
 
 
-# Other names `select` matches, so a Chinese-speaking user can write --categories 物理.
-CATEGORY_ALIASES: dict[str, tuple[str, ...]] = {
-    "color": ("colour", "颜色"),
-    "add": ("添加",),
-    "remove": ("移除", "删除"),
-    "replace": ("替换",),
-    "background": ("背景",),
-    "physics": ("物理",),
-}
-
-
 def write_sample(out_dir: Path, manifest_name: str) -> Path:
     """Write the sample's PNGs and its manifest, named `manifest_name`, under `out_dir` (unless this
     version is already there) and return the manifest's path."""
@@ -177,9 +168,10 @@ def write_sample(out_dir: Path, manifest_name: str) -> Path:
         write_atomic(out_dir / reference, _png(case.after))
         for language, instruction in (("en", case.en), ("zh", case.zh)):
             record = {"id": f"{scene}-{language}", "category": case.category,
-                      "category_aliases": list(CATEGORY_ALIASES[case.category]),
-                      "instruction": instruction, "language": language, "source": source,
-                      "reference": reference, "metadata": {"scene": scene, "sample_version": SAMPLE_VERSION}}
+                      "category_aliases": list(aliases("sample", case.category)),
+                      "instruction": instruction, "language": language, "sources": [source],
+                      "references": [{"kind": "image", "value": reference}],
+                      "metadata": {"scene": scene, "sample_version": SAMPLE_VERSION}}
             lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     write_atomic(manifest, "".join(lines).encode("utf-8"))
     # The marker goes last: a write cut short leaves no marker and is redone next time.
