@@ -6,6 +6,7 @@ on the item id. Named as fakes: nothing here measures anything."""
 from __future__ import annotations
 
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,15 +37,19 @@ def fake_sc(item_id: str) -> float:
 
 
 class FakeScorerWorker:
-    """A fake judge: sc from the item id, pq 5, a model_error for instructions holding FAIL_MARK."""
+    """A fake judge: sc from the item id, pq 5, a model_error for instructions holding FAIL_MARK.
+    `delay_s` makes every request slow; `drop_last` breaks the protocol by leaving out a result."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay_s: float = 0.0, drop_last: bool = False) -> None:
         self.requests = 0
+        self.delay_s = delay_s
+        self.drop_last = drop_last
 
     def handle(self, request: EditRequest | ScoreRequest, blobs: list[memoryview]) -> tuple[Reply, Blobs | None]:
         if not isinstance(request, ScoreRequest):
             return ErrorReply("unsupported", "the fake scorer only answers score requests"), None
         self.requests += 1
+        time.sleep(self.delay_s)
         results = []
         for item in request.items:
             if FAIL_MARK in item.instruction:
@@ -54,7 +59,7 @@ class FakeScorerWorker:
             verdict = Verdict(rubric_id="fake", rubric_version="1", mode="logits", sub_scores={"sc": sc, "pq": pq},
                               sc=sc, pq=pq, overall=(sc * pq) ** 0.5, aggregation=FAKE_AGGREGATION)
             results.append(ScoreResult(id=item.id, verdict=verdict, elapsed_s=0.001))
-        return ScoreReply(items=results), None
+        return ScoreReply(items=results[:-1] if self.drop_last else results), None
 
 
 def echo_status(server: Server) -> Status:
@@ -72,7 +77,7 @@ def fake_scorer_status(server: Server) -> Status:
 @contextmanager
 def in_process_service(endpoint: str, status: Callable[[Server], Status], worker: Worker) -> Iterator[Server]:
     """`worker` served on `endpoint` by the real server loop, in a thread of this process."""
-    server = Server(endpoint, lambda: status(server), Limits())
+    server = Server(endpoint, lambda: status(server), Limits(), stop_drain_s=0)  # a test does not wait for replies
     server.add_worker(worker)
     thread = threading.Thread(target=server.run, name=f"fake-{endpoint}", daemon=True)
     thread.start()
@@ -84,9 +89,10 @@ def in_process_service(endpoint: str, status: Callable[[Server], Status], worker
 
 
 @contextmanager
-def fake_services(folder: str) -> Iterator[dict[str, str]]:
+def fake_services(folder: str, scorer_worker: Worker | None = None,
+                  scorer_status: Callable[[Server], Status] = fake_scorer_status) -> Iterator[dict[str, str]]:
     """An echo editor and a fake scorer on ipc sockets in `folder`; yields their endpoints."""
     editor, scorer = f"ipc://{folder}/editor.sock", f"ipc://{folder}/scorer.sock"
     with in_process_service(editor, echo_status, EchoWorker(Limits())), \
-            in_process_service(scorer, fake_scorer_status, FakeScorerWorker()):
+            in_process_service(scorer, scorer_status, scorer_worker or FakeScorerWorker()):
         yield {"editor": editor, "scorer": scorer}

@@ -94,7 +94,10 @@ def test_identity_backend_returns_the_source_bytes_exactly(start_editor) -> None
         status = client.ping()
         assert not status.embedded_tiny and status.backend == "identity"
         reply, received = _edit(client, [SOURCE], seeds=[0], size=None)
+        resized, received_resized = _edit(client, [SOURCE], seeds=[0], size=(32, 48))
     assert bytes(received[reply.items[0].image.frame]) == SOURCE.tobytes()
+    assert read_image(resized.items[0].image, received_resized, Limits()).shape == (48, 32, 3), \
+        "a requested size is honoured"
 
 
 def test_each_bad_input_gets_its_item_error_and_the_next_request_succeeds(start_editor) -> None:

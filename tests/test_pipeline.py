@@ -5,27 +5,38 @@ a fraction of a second; test_runner.py runs the same paths against the real serv
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
+import numpy as np
 import pytest
 from PIL import Image
 
+from editstack.errors import RunFolderError, ServiceNotReady
 from editstack.runner.config import load_config
 from editstack.runner.pipeline import run
-from editstack.runner.runfolder import RESULTS_NAME, SCHEMA_VERSION, Journal, read_manifest
+from editstack.runner.runfolder import RESULTS_NAME, SCHEMA_VERSION, Journal, RunFolderLock, read_manifest
 
-from fakes import FAIL_MARK, FAKE_AGGREGATION, fake_sc, fake_services
+from fakes import FAIL_MARK, FAKE_AGGREGATION, FakeScorerWorker, fake_sc, fake_scorer_status, fake_services
 
 
 @pytest.fixture
-def services() -> Iterator[dict[str, str]]:
+def sockets() -> Iterator[str]:
     folder = tempfile.mkdtemp(prefix="es-fake-", dir="/tmp")  # ipc paths must stay short
-    with fake_services(folder) as endpoints:
-        yield endpoints
+    yield folder
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def services(sockets) -> Iterator[dict[str, str]]:
+    with fake_services(sockets) as endpoints:
+        yield endpoints
 
 
 def _dataset(folder: Path, instructions: dict[str, str]) -> Path:
@@ -86,3 +97,108 @@ def test_resume_retries_failed_items_and_keeps_each_item_once(tmp_path, services
     records = Journal(tmp_path / "run" / RESULTS_NAME).load().records
     assert lines_before == 3 and len([line for line in lines if line]) == 3
     assert {r.id: r.status for r in records.values()} == {"a": "scored", "b": "scored", "c": "scored"}
+
+
+def test_a_run_with_no_service_answering_stops_with_one_line_each_and_writes_nothing(tmp_path) -> None:
+    dataset = _dataset(tmp_path / "data", {"a": "make it blue"})
+    nowhere = {"editor": f"ipc://{tmp_path}/e.sock", "scorer": f"ipc://{tmp_path}/s.sock"}
+    started = time.monotonic()
+    with pytest.raises(ServiceNotReady) as refused:
+        run(_config(tmp_path, nowhere, dataset, connect_timeout_s=1))
+    assert time.monotonic() - started < 10
+    assert [line.split(":")[0] for line in refused.value.lines] == ["editor ipc", "scorer ipc"]
+    assert all("no answer within 1s" in line for line in refused.value.lines)
+    assert not (tmp_path / "run").exists(), "a run that cannot start leaves no folder"
+
+
+def test_a_service_that_failed_to_load_stops_the_run_at_once_with_its_cause(tmp_path, sockets) -> None:
+    def failed(server):
+        return msgspec.structs.replace(fake_scorer_status(server), state="failed",
+                                       error="hub unreachable: offline and Qwen/x is not cached")
+
+    dataset = _dataset(tmp_path / "data", {"a": "make it blue"})
+    with fake_services(sockets, scorer_status=failed) as services:
+        started = time.monotonic()
+        with pytest.raises(ServiceNotReady, match="failed to load fake-judge: hub unreachable"):
+            run(_config(tmp_path, services, dataset))
+    assert time.monotonic() - started < 5
+
+
+def test_resuming_while_a_service_is_down_keeps_the_journal_as_it_was(tmp_path, sockets) -> None:
+    dataset = _dataset(tmp_path / "data", {"a": "make it blue", "b": f"please {FAIL_MARK}"})
+    with fake_services(sockets) as services:
+        assert run(_config(tmp_path, services, dataset)) == 1
+    journal = (tmp_path / "run" / RESULTS_NAME).read_bytes()
+    with pytest.raises(ServiceNotReady):
+        run(_config(tmp_path, services, dataset, connect_timeout_s=1))
+    assert (tmp_path / "run" / RESULTS_NAME).read_bytes() == journal, "the failure record of b is still there"
+
+
+def test_a_second_runner_on_a_folder_is_refused_naming_the_holder(tmp_path, services) -> None:
+    dataset = _dataset(tmp_path / "data", {"a": "make it blue"})
+    with RunFolderLock(tmp_path / "run"):
+        with pytest.raises(RunFolderError, match=rf"being written by another runner \(pid {os.getpid()} on "):
+            run(_config(tmp_path, services, dataset))
+    # the holder is gone (as a killed runner's flock is): its lock file is taken over
+    assert (tmp_path / "run" / ".lock").read_text().startswith(f"pid {os.getpid()}")
+    assert run(_config(tmp_path, services, dataset)) == 0
+
+
+def test_a_killed_writers_temporary_files_are_removed_on_resume(tmp_path, services) -> None:
+    dataset = _dataset(tmp_path / "data", {"a": "make it blue"})
+    leftover = tmp_path / "run" / "edits" / "even" / ".a.png.12345.tmp"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half an image")
+    assert run(_config(tmp_path, services, dataset)) == 0
+    assert not leftover.exists()
+
+
+def test_a_stage_deadline_bounds_the_batch_across_retries(tmp_path, sockets) -> None:
+    dataset = _dataset(tmp_path / "data", {"a": "make it blue", "b": "add a cat"})
+    with fake_services(sockets, scorer_worker=FakeScorerWorker(delay_s=3)) as services:
+        started = time.monotonic()
+        code = run(_config(tmp_path, services, dataset, **{"scorer.timeout_s": 0.5, "scorer.retries": 20,
+                                                            "scorer.deadline_s": 1.5}))
+        elapsed = time.monotonic() - started
+    assert code == 1 and elapsed < 6, f"{elapsed:.1f}s: 21 attempts of 0.5s were not bounded by the 1.5s deadline"
+    records = Journal(tmp_path / "run" / RESULTS_NAME).load().records
+    assert {r.error.code for r in records.values()} == {"service_unavailable"}
+
+
+def test_a_reply_with_the_wrong_item_count_fails_that_batch_and_the_report_is_written(tmp_path, sockets) -> None:
+    dataset = _dataset(tmp_path / "data", {f"i{n}": "make it blue" for n in range(4)})
+    with fake_services(sockets, scorer_worker=FakeScorerWorker(drop_last=True)) as services:
+        assert run(_config(tmp_path, services, dataset)) == 1
+    records = Journal(tmp_path / "run" / RESULTS_NAME).load().records
+    assert len(records) == 4 and all(r.status == "failed" for r in records.values())
+    assert {(r.error.stage, r.error.code) for r in records.values()} == {("score", "bad_message")}
+    assert "answered 1 result(s) for 2 item(s)" in records["i0"].error.message
+    assert (tmp_path / "run" / "report.md").is_file()
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 192 KiB tmpfs: a disk that fills up (root may mount one; CI runs as root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs: {done.stderr.decode()}")
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_leaves_no_temporary_file(tmp_path, services, small_disk) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)  # ~28 KB as PNG
+    Image.fromarray(noise).save(folder / "noise.png")
+    lines = [json.dumps({"id": f"n{n}", "category": "c", "instruction": "x", "source": "noise.png"}) for n in range(20)]
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    config = _config(tmp_path, services, folder / "manifest.jsonl", run_dir=str(small_disk / "run"))
+    with pytest.raises(RunFolderError, match="disk full") as stopped:
+        run(config)
+    assert "\n" not in str(stopped.value)
+    assert not list((small_disk / "run").rglob(".*.tmp")), "no temporary file is left behind"

@@ -268,3 +268,12 @@ def test_items_edited_but_not_scored_count_in_items_only(tmp_path: Path) -> None
     assert (color["items"], color["scored"], color["failed"], color["sc_mean"]) == (4, 2, 1, 6.0)
     assert "1 item(s) were edited but not scored" in paths.markdown.read_text()
     assert "edited, not scored" in paths.html.read_text()
+
+
+def test_markdown_report_escapes_html_in_ids_and_categories(tmp_path: Path) -> None:
+    hostile = _record("<img src=x onerror=alert(1)>", "<b>cat</b>", "failed",
+                      error=("edit", "bad_image", "<script>x</script>"), source=tmp_path / "x.png")
+    run = _fake_run(tmp_path, extra_lines=[_line(hostile)])
+    text = write_reports(run).markdown.read_text()
+    assert "<img" not in text and "<script>" not in text and "<b>" not in text
+    assert "&lt;img src=x onerror=alert(1)&gt;" in text and "&lt;b&gt;cat&lt;/b&gt;" in text

@@ -104,3 +104,15 @@ def test_each_bad_input_gets_its_item_error_and_the_next_request_succeeds(scorer
         assert "viescore" in result.error.message or "logits" in result.error.message
     [result] = _score(scorer, [(SOURCE, EDITED[0])], ["make the sky blue"])
     assert result.error is None and result.verdict is not None
+
+
+def test_work_over_the_judges_bounds_is_refused_per_item_naming_the_limit(start_service, tiny_judge_dir) -> None:
+    service = start_service("scorer", [service_python("scorer"), "-m", "editstack_scorer"],
+                            env={"SCORER_TINY_DIR": str(tiny_judge_dir), "SCORER_MAX_INSTRUCTION_CHARS": "100"})
+    large = np.zeros((1536, 1536, 3), dtype=np.uint8)  # 2,304 visual tokens each: two exceed the 4,096 positions
+    with Client(service.endpoint, timeout_s=120) as client:
+        results = _score(client, [(large, large), (SOURCE, EDITED[0]), (SOURCE, EDITED[1])],
+                         ["make the sky blue", "x" * 101, "make the sky blue"])
+    assert [r.error.code if r.error else None for r in results] == ["limit_exceeded", "limit_exceeded", None]
+    assert "over the model's limit of 4096" in results[0].error.message
+    assert "'instruction': 101 characters is over the limit of 100" in results[1].error.message

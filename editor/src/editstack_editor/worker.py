@@ -48,13 +48,15 @@ class Backend(Protocol):
 
 
 class IdentityBackend:
-    """Returns each source unchanged: the no-op baseline that calibrates the judge."""
+    """Returns each source unchanged (resized only when another output size is asked for): the no-op
+    baseline that calibrates the judge."""
 
     backend = "identity"
     size_multiple = 1
 
     def edit(self, jobs: list[EditJob]) -> list[PIL.Image.Image | ItemFailure]:
-        return [job.image for job in jobs]
+        return [job.image if job.image.size == (job.width, job.height)
+                else job.image.resize((job.width, job.height), PIL.Image.Resampling.LANCZOS) for job in jobs]
 
 
 class EditorWorker:

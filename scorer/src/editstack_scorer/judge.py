@@ -90,6 +90,10 @@ class Judge:
         ).eval()
         self.load_s = time.monotonic() - start
         self.backend = f"transformers/{type(self.model).__name__}"
+        # the longest input the model's positions cover: a larger image becomes more visual tokens,
+        # and past this the model would read positions it was never trained for without a word
+        config = self.model.config
+        self.max_input_tokens: int = getattr(getattr(config, "text_config", config), "max_position_embeddings")
         log.info(
             "judge %s (revision %s) loaded on %s as %s in %.2f s%s",
             model,
@@ -280,6 +284,10 @@ class Judge:
         images = [image for _, shown in prompts for image in shown]
         # the result carries mm_token_type_ids, which transformers 5 needs for Qwen3-VL's M-RoPE positions
         inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        longest = int(inputs["attention_mask"].sum(dim=1).max())
+        if longest > self.max_input_tokens:  # `_each` then retries one by one: only the long job fails
+            raise ItemFailure("limit_exceeded", f"the judge's input is {longest} tokens, over the model's limit of "
+                                                f"{self.max_input_tokens} (images are too large for this judge)")
         return inputs.to(self.model.device)
 
     def _each(self, run: Callable[[list[int]], list[_Out]], indices: list[int]) -> list[_Out | ItemFailure]:
@@ -296,6 +304,8 @@ class Judge:
             error = None
             try:
                 outs.extend(run([i]))
+            except ItemFailure as e:
+                error = e
             except Exception as e:
                 log.warning("judge failed on job %d", i, exc_info=True)
                 error = ItemFailure("model_error", f"judge model failed: {type(e).__name__}: {e}")

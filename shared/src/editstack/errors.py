@@ -6,6 +6,7 @@
     ├── ImageError                  one image cannot be decoded or converted (an item error)
     ├── ItemFailure                 a service cannot serve one item: carries its ItemError
     ├── ServiceUnavailable          no reply from an endpoint within the client's deadline
+    ├── ServiceNotReady             the runner's services did not all become ready (one line each)
     ├── RemoteError                 the service answered with an error reply (code + message)
     ├── StageFailure                the runner gave up on a whole batch: carries the ItemError
     ├── SettingsError               a service's environment variable has an unusable value
@@ -91,6 +92,15 @@ class ServiceUnavailable(EditstackError):
         self.endpoint = endpoint
         self.attempts = attempts
         self.elapsed_s = elapsed_s
+
+
+class ServiceNotReady(EditstackError):
+    """A run cannot start: a service never answered, failed to load its model, or kept loading past
+    its bound; `lines` has one line per such service."""
+
+    def __init__(self, lines: Sequence[str]) -> None:
+        self.lines = tuple(lines)
+        super().__init__("services not ready:\n" + "\n".join(f"  {line}" for line in self.lines))
 
 
 class RemoteError(EditstackError):

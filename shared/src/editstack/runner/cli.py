@@ -5,11 +5,13 @@
     editstack score ENDPOINT --source A.png --edited B.png --instruction TEXT [--mode logits|generate]
     editstack run   [--config BENCH.yaml] [--categories C ...] [--limit N] [--run-dir DIR]
                     [--only edit|score] [--edits DIR] [--dataset SPEC] [--strict]
-                    [--editor ENDPOINT ...] [--scorer ENDPOINT]
+                    [--editor ENDPOINT ...] [--scorer ENDPOINT] [--connect-timeout S] [--set KEY=VALUE ...]
+    editstack --version
 
-Exit status: 0 success (for ping: the service is ready); 1 the service is up but not ready, an
-item failed, or a run finished with failures; 2 usage or configuration error; 3 the service is
-unreachable or refused the request. Container healthchecks call `ping`.
+Exit status: 0 success (for ping: the service is ready); 1 the service is still loading, an item
+failed, or a run finished with failures; 2 usage or configuration error (also: the run folder is
+in use or not writable); 3 a service is unreachable, failed to load its model, or refused the
+request. Container healthchecks call `ping`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Any
 import msgspec
 
 from editstack.wire.codec import Blobs, Limits, encode_png, read_image, read_image_file
-from editstack.errors import EditstackError, RemoteError, ServiceUnavailable
+import editstack
+from editstack.errors import ConfigError, EditstackError, RemoteError, ServiceNotReady, ServiceUnavailable
 from editstack.wire.protocol import EditItem, EditParams, EditRequest, ScoreItem, ScoreRequest
 from editstack.wire.transport import Client
 
@@ -99,17 +102,30 @@ def _run(args: argparse.Namespace) -> int:
     from editstack.runner.config import load_config
     from editstack.runner.pipeline import run
 
-    overrides = {key: value for key, value in {
-        "dataset": args.dataset, "categories": args.categories, "limit": args.limit, "run_dir": args.run_dir,
+    import yaml
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    overrides = {}
+    for assignment in args.set or []:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. scorer.mode=generate")
+        overrides[key.strip()] = yaml.safe_load(text)  # a YAML value, as the file would hold it
+    overrides |= {key: value for key, value in {
+        "dataset": args.dataset, "categories": args.categories, "limit": args.limit,
+        "limit_per_category": args.limit_per_category, "run_dir": args.run_dir,
         "only": args.only, "edits": args.edits, "strict": True if args.strict else None,
-        "editor.endpoints": args.editor, "scorer.endpoint": args.scorer,
+        "editor.endpoints": args.editor, "scorer.endpoint": args.scorer, "connect_timeout_s": args.connect_timeout,
     }.items() if value is not None}
     logging.getLogger().setLevel(logging.INFO)
-    return run(load_config(args.config, overrides))
+    config = load_config(args.config, overrides)
+    with logging_redirect_tqdm():  # log lines go above the progress bars instead of through them
+        return run(config)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="editstack", description="Benchmark image editors with a VLM judge.")
+    parser.add_argument("--version", action="version", version=f"editstack {editstack.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     ping = commands.add_parser("ping", help="print a service's state; exit 0 only when it is ready")
@@ -119,27 +135,27 @@ def build_parser() -> argparse.ArgumentParser:
     ping.set_defaults(func=_ping)
 
     edit = commands.add_parser("edit", help="edit one image through an editor service")
-    edit.add_argument("endpoint")
-    edit.add_argument("--image", required=True)
-    edit.add_argument("--instruction", required=True)
+    edit.add_argument("endpoint", help="the editor: ipc:///path/to.sock or tcp://host:port")
+    edit.add_argument("--image", required=True, help="the source image file")
+    edit.add_argument("--instruction", required=True, help="what to change")
     edit.add_argument("--out", required=True, help="where to write the edited PNG")
-    edit.add_argument("--seed", type=int, default=0)
-    edit.add_argument("--steps", type=int)
-    edit.add_argument("--guidance", type=float, help="true_cfg_scale")
-    edit.add_argument("--negative-prompt")
-    edit.add_argument("--width", type=int)
-    edit.add_argument("--height", type=int)
-    edit.add_argument("--timeout", type=float, default=600.0)
+    edit.add_argument("--seed", type=int, default=0, help="the edit's seed (same seed and inputs: same bytes)")
+    edit.add_argument("--steps", type=int, help="sampling steps (default: the editor's)")
+    edit.add_argument("--guidance", type=float, help="true_cfg_scale; <= 1 disables CFG (default: the editor's)")
+    edit.add_argument("--negative-prompt", help="the negative prompt (default: the editor's)")
+    edit.add_argument("--width", type=int, help="output width (default: the editor's, else the source's)")
+    edit.add_argument("--height", type=int, help="output height (default: the editor's, else the source's)")
+    edit.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the reply")
     edit.set_defaults(func=_edit)
 
     score = commands.add_parser("score", help="score one edit through a scorer service")
-    score.add_argument("endpoint")
-    score.add_argument("--source", required=True)
-    score.add_argument("--edited", required=True)
-    score.add_argument("--instruction", required=True)
-    score.add_argument("--mode", choices=["logits", "generate"])
-    score.add_argument("--rubric")
-    score.add_argument("--timeout", type=float, default=600.0)
+    score.add_argument("endpoint", help="the scorer: ipc:///path/to.sock or tcp://host:port")
+    score.add_argument("--source", required=True, help="the source image file")
+    score.add_argument("--edited", required=True, help="the edited image file")
+    score.add_argument("--instruction", required=True, help="the instruction the edit followed")
+    score.add_argument("--mode", choices=["logits", "generate"], help="judge mode (default: the scorer's)")
+    score.add_argument("--rubric", help="rubric id (default: the scorer's)")
+    score.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the reply")
     score.set_defaults(func=_score)
 
     run = commands.add_parser("run", help="run a benchmark through the editor and scorer services")
@@ -147,12 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", help='"sample", a manifest .jsonl, a KRIS-Bench folder or a GEdit-Bench export')
     run.add_argument("--categories", nargs="+", help="only these categories (names or aliases, e.g. 物理)")
     run.add_argument("--limit", type=int, help="only the first N selected items")
+    run.add_argument("--limit-per-category", type=int, metavar="N", help="only the first N items of every category")
     run.add_argument("--run-dir", help="the run folder; an existing one is resumed")
     run.add_argument("--only", choices=["edit", "score"], help="run one stage only")
     run.add_argument("--edits", help="with --only score: a run folder or a <category>/<id>.png folder")
     run.add_argument("--strict", action="store_true", help="invalid dataset items are fatal")
     run.add_argument("--editor", action="append", metavar="ENDPOINT", help="editor endpoint (repeat for several)")
     run.add_argument("--scorer", metavar="ENDPOINT", help="scorer endpoint")
+    run.add_argument("--connect-timeout", type=float, metavar="S",
+                     help="stop (exit 3) when a service has not answered within S seconds (default 60)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override any config key, dotted, with a YAML value (e.g. scorer.mode=generate)")
     run.set_defaults(func=_run)
     return parser
 
@@ -164,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except EditstackError as exc:
         print(f"editstack: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE if isinstance(exc, ServiceUnavailable | RemoteError) else EXIT_USAGE
+        return EXIT_UNAVAILABLE if isinstance(exc, ServiceUnavailable | RemoteError | ServiceNotReady) else EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import yaml
 
 from editstack.errors import ConfigError
 from editstack.wire.protocol import JudgeMode
-from editstack.wire.transport import check_endpoint
+from editstack.wire.transport import check_endpoint, default_endpoint
 
 # msgspec checks these bounds during `convert`, and its error names the offending path
 AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
@@ -29,7 +29,7 @@ Seconds = Annotated[float, msgspec.Meta(gt=0)]
 class EditorConfig(msgspec.Struct, forbid_unknown_fields=True):
     """How the runner uses the editor services; None sampling values take the service's defaults."""
 
-    endpoints: list[str] = msgspec.field(default_factory=lambda: ["ipc:///tmp/editstack/editor.sock"])
+    endpoints: list[str] = msgspec.field(default_factory=lambda: [default_endpoint("editor")])
     # items the runner puts in one edit request; the editor's EDITOR_BATCH_SIZE is its own,
     # separate per-forward-pass size (how many of those items one pipeline call edits)
     items_per_request: AtLeastOne = 4
@@ -47,7 +47,7 @@ class EditorConfig(msgspec.Struct, forbid_unknown_fields=True):
 class ScorerConfig(msgspec.Struct, forbid_unknown_fields=True):
     """How the runner uses the scorer service; None mode/rubric take the service's defaults."""
 
-    endpoint: str = "ipc:///tmp/editstack/scorer.sock"
+    endpoint: str = msgspec.field(default_factory=lambda: default_endpoint("scorer"))
     # items the runner puts in one score request; the scorer's SCORER_BATCH_SIZE is its own,
     # separate per-forward-pass size (how many of those items one model call judges)
     items_per_request: AtLeastOne = 4
@@ -64,11 +64,16 @@ class RunConfig(msgspec.Struct, forbid_unknown_fields=True):
     dataset: str = "sample"
     categories: list[str] = []
     limit: NonNegativeInt | None = None
+    limit_per_category: NonNegativeInt | None = None  # the first N of every category: a small slice of each
     strict: bool = False
     run_dir: str = "runs/latest"
     only: Literal["edit", "score"] | None = None
     edits: str | None = None  # with only=score: a run folder or a <category>/<id>.png folder
     queue_batches: AtLeastOne = 2  # edited batches waiting for the scorer (back-pressure)
+    # before a run starts: a service that never answered stops it after connect_timeout_s; one that
+    # answers "loading" (a real checkpoint downloading) is waited for up to load_timeout_s
+    connect_timeout_s: Seconds = 60.0
+    load_timeout_s: Seconds = 3600.0
     editor: EditorConfig = msgspec.field(default_factory=EditorConfig)
     scorer: ScorerConfig = msgspec.field(default_factory=ScorerConfig)
 

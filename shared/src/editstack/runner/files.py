@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
+_PARTIAL_GLOB = ".*.tmp"
+
 
 def write_atomic(path: Path, data: bytes | str) -> Path:
-    """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+    """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over `path`.
+    A write that fails (a full disk) leaves no temporary file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(partial, "wb") as out:
-        out.write(data.encode() if isinstance(data, str) else data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(partial, path)
+    try:
+        with open(partial, "wb") as out:
+            out.write(data.encode() if isinstance(data, str) else data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise
     return path
+
+
+def remove_partials(folder: Path) -> int:
+    """Remove the temporary files a killed writer left under `folder` (only its single writer may
+    call this); returns how many there were."""
+    leftovers = [p for p in Path(folder).rglob(_PARTIAL_GLOB) if p.is_file()]
+    for path in leftovers:
+        path.unlink()
+    return len(leftovers)

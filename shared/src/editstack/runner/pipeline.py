@@ -13,7 +13,9 @@ retried, so every item has exactly one record at the end. A failure never become
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import logging
 import os
 import queue
@@ -26,16 +28,26 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import msgspec
 import numpy as np
 from tqdm import tqdm
 
 import editstack
-from editstack.errors import ConfigError, ImageError, RemoteError, ServiceUnavailable, StageFailure
+from editstack.errors import (
+    ConfigError,
+    DatasetError,
+    ImageError,
+    ProtocolError,
+    RemoteError,
+    RunFolderError,
+    ServiceNotReady,
+    ServiceUnavailable,
+    StageFailure,
+)
 from editstack.runner.config import RunConfig, to_yaml
-from editstack.runner.datasets import Item, load_dataset, select
+from editstack.runner.datasets import Item, Problem, load_dataset, select, select_problems
 from editstack.runner.files import write_atomic
 from editstack.runner.report import write_reports
 from editstack.runner.runfolder import (
@@ -53,8 +65,8 @@ from editstack.runner.runfolder import (
     Journal,
     JudgeIdentity,
     Manifest,
-    Reference,
     RubricInfo,
+    RunFolderLock,
     RunParams,
     Stage,
     Timings,
@@ -79,6 +91,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _RETRY_PAUSE_S = 1.0
+_PING_TIMEOUT_S = 2.0
 _PROGRESS_EVERY_S = 10.0
 
 
@@ -101,48 +114,65 @@ def item_seed(base_seed: int, item_id: str) -> int:
 
 
 def run(config: RunConfig) -> int:
-    """Execute a run; returns 0 when every selected item was scored (or edited, with only=edit)."""
+    """Execute a run; returns 0 when every selected item was scored (or edited, with only=edit).
+
+    Nothing is written before every service is ready: a run that cannot start leaves no folder and
+    no journal changed behind it."""
     run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    items, problems = load_dataset(config.dataset, strict=config.strict)
-    for problem in problems:
-        log.error("dataset: %s", problem)
+    items, every_problem = load_dataset(config.dataset)
     try:
-        items = select(items, config.categories or None, config.limit)
+        items = select(items, config.categories or None, config.limit, config.limit_per_category,
+                       problems=every_problem)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    # only the selection's problems count (toward --strict and the exit status); the rest are listed
+    problems = select_problems(every_problem, config.categories or None)
+    unselected = [p for p in every_problem if p not in problems]
+    for problem in problems:
+        log.error("dataset: %s", problem)
+    if unselected:
+        log.info("dataset: %d problem(s) in items outside the selection (listed in the report)", len(unselected))
+    if config.strict and problems:
+        raise DatasetError(problems)
 
-    journal = Journal(run_dir / RESULTS_NAME)
-    earlier = journal.load().records
-    finished = {"edit": {"edited", "scored"}, "score": {"scored"}, None: {"scored"}}[config.only]
-    selected = {item.id for item in items}
-    # complete records stay, and so do records of items outside this selection (an earlier, wider run)
-    kept = {i: r for i, r in earlier.items() if r.status in finished or i not in selected}
-    journal.rewrite(kept.values())  # failed records go: their items are retried below
-    todo = [item for item in items if item.id not in kept]
-    log.info("run %s: %d items selected, %d already complete, %d to do", run_dir, len(items),
-             len(items) - len(todo), len(todo))
+    roles = {} if config.only == "score" else {ep: "editor" for ep in config.editor.endpoints}
+    if config.only != "edit":
+        roles[config.scorer.endpoint] = "scorer"
+    ready = wait_ready(roles, config.connect_timeout_s, config.load_timeout_s)
+    editors = {ep: ready[ep] for ep in roles if roles[ep] == "editor"}
+    scorer = ready.get(config.scorer.endpoint) if config.only != "edit" else None
 
-    editors = {} if config.only == "score" else {ep: _wait_ready(ep, config.editor.deadline_s)
-                                                   for ep in config.editor.endpoints}
-    scorer = None if config.only == "edit" else _wait_ready(config.scorer.endpoint, config.scorer.deadline_s)
-    write_atomic(run_dir / CONFIG_NAME, to_yaml(config))
-    manifest = _manifest(config, list(editors.values()), scorer, len(items), problems)
-    write_manifest(run_dir, manifest)
+    with RunFolderLock(run_dir):
+        journal = Journal(run_dir / RESULTS_NAME)
+        earlier = journal.load().records
+        finished = {"edit": {"edited", "scored"}, "score": {"scored"}, None: {"scored"}}[config.only]
+        selected = {item.id for item in items}
+        # complete records stay, and so do records of items outside this selection (an earlier, wider run)
+        kept = {i: r for i, r in earlier.items() if r.status in finished or i not in selected}
+        journal.rewrite(kept.values())  # failed records go: their items are retried below
+        todo = [item for item in items if item.id not in kept]
+        log.info("run %s: %d items selected, %d already complete, %d to do", run_dir, len(items),
+                 len(items) - len(todo), len(todo))
 
-    pipeline = Pipeline(config, run_dir, journal, editors, scorer, earlier)
-    started = time.monotonic()
-    pipeline.run(todo)
+        write_atomic(run_dir / CONFIG_NAME, to_yaml(config))
+        manifest = _manifest(config, list(editors.values()), scorer, len(items), problems, unselected)
+        write_manifest(run_dir, manifest)
 
-    final = journal.load().records
-    statuses = Counter(r.status for r in final.values())
-    manifest = msgspec.structs.replace(
-        manifest, finished_at=_now(),
-        timings=Timings(wall_s=round(time.monotonic() - started, 3), edit_busy_s=round(pipeline.busy_s["edit"], 3),
-                        score_busy_s=round(pipeline.busy_s["score"], 3)),
-        counts=Counts(scored=statuses["scored"], edited=statuses["edited"], failed=statuses["failed"]))
-    write_manifest(run_dir, manifest)
-    paths = write_reports(run_dir)
+        pipeline = Pipeline(config, run_dir, journal, editors, scorer, earlier)
+        started = time.monotonic()
+        pipeline.run(todo)
+        if pipeline.fatal is not None:  # the journal itself could not be written: stop, say why
+            raise pipeline.fatal
+
+        final = journal.load().records
+        statuses = Counter(r.status for r in final.values())
+        manifest = msgspec.structs.replace(
+            manifest, finished_at=_now(),
+            timings=Timings(wall_s=round(time.monotonic() - started, 3), edit_busy_s=round(pipeline.busy_s["edit"], 3),
+                            score_busy_s=round(pipeline.busy_s["score"], 3)),
+            counts=Counts(scored=statuses["scored"], edited=statuses["edited"], failed=statuses["failed"]))
+        write_manifest(run_dir, manifest)
+        paths = write_reports(run_dir)
     failed = [i.id for i in items if i.id not in final or final[i.id].status not in finished]
     log.info("run %s finished: %s; %d failed, %d dataset problem(s); report: %s", run_dir,
              msgspec.to_builtins(manifest.counts), len(failed), len(problems), paths.markdown)
@@ -164,6 +194,8 @@ class Pipeline:
         self.to_score: queue.Queue[list[Pending] | None] = queue.Queue(maxsize=config.queue_batches)
         self.busy_s = {"edit": 0.0, "score": 0.0}
         self._busy_lock = threading.Lock()
+        self.fatal: RunFolderError | None = None  # set when the journal cannot be written: the run stops
+        self._recorded: set[str] = set()  # ids recorded by this run, so a failed batch records only the rest
 
     def run(self, todo: Sequence[Item]) -> None:
         ready, to_edit = self._existing_edits(todo)
@@ -235,7 +267,14 @@ class Pipeline:
                     batch = batches.get_nowait()
                 except queue.Empty:
                     return
-                pending = self._edit_batch(client, self.editors[endpoint].identity(), batch)
+                if self.fatal is not None:
+                    return
+                identity = self.editors[endpoint].identity()
+                try:
+                    pending = self._edit_batch(client, identity, batch)
+                except Exception as exc:  # a defect or a broken reply: this batch fails, the run goes on
+                    self._fail_batch(batch, "edit", exc, identity)
+                    pending = []
                 self.progress["edit"].update(len(batch))
                 if pending and self.config.only == "edit":
                     for p in pending:
@@ -263,7 +302,9 @@ class Pipeline:
             return []
         request = EditRequest(items, EditParams(steps=cfg.steps, guidance=cfg.guidance, negative_prompt=cfg.negative_prompt))
         try:
-            reply, received = self._timed("edit", cfg.deadline_s, lambda: client.edit(request, blobs))
+            reply, received = self._timed("edit", cfg.deadline_s,
+                                          lambda budget_s: client.edit(request, blobs, budget_s=budget_s))
+            _check_count(reply.items, sent, client.endpoint)
         except StageFailure as exc:
             for item in sent:
                 self._record(item, "failed", EditOutcome(status="failed", seed=item_seed(cfg.seed, item.id)),
@@ -289,10 +330,15 @@ class Pipeline:
     def _score_loop(self) -> None:
         cfg = self.config.scorer
         with Client(cfg.endpoint, timeout_s=cfg.timeout_s, retries=cfg.retries) as client:
+            # the loop drains the queue even after a fatal error, so no edit thread blocks on it
             while (batch := self.to_score.get()) is not None:
                 for start in range(0, len(batch), cfg.items_per_request):
                     chunk = batch[start:start + cfg.items_per_request]
-                    self._score_batch(client, chunk)
+                    if self.fatal is None:
+                        try:
+                            self._score_batch(client, chunk)
+                        except Exception as exc:  # a defect or a broken reply: this batch fails, the run goes on
+                            self._fail_batch([p.item for p in chunk], "score", exc, None, chunk)
                     self.progress["score"].update(len(chunk))
 
     def _score_batch(self, client: Client, batch: list[Pending]) -> None:
@@ -314,7 +360,8 @@ class Pipeline:
             return
         request = ScoreRequest(items, mode=cfg.mode, rubric=cfg.rubric)
         try:
-            reply = self._timed("score", cfg.deadline_s, lambda: client.score(request, blobs))
+            reply = self._timed("score", cfg.deadline_s, lambda budget_s: client.score(request, blobs, budget_s=budget_s))
+            _check_count(reply.items, sent, client.endpoint)
         except StageFailure as exc:
             for p in sent:
                 self._finish(p, "failed", error=_failure("score", exc.error))
@@ -336,13 +383,14 @@ class Pipeline:
 
     # ---- shared ------------------------------------------------------------------------------
 
-    def _timed(self, stage: str, deadline_s: float, call: Callable[[], T]) -> T:
-        """`call` retried while its service is unavailable or loading, until `deadline_s`."""
+    def _timed(self, stage: str, deadline_s: float, call: Callable[[float], T]) -> T:
+        """`call(budget_s)` retried while its service is unavailable, loading or busy; `deadline_s`
+        bounds the wall time of all attempts together, counted from the first."""
         start = time.monotonic()
         while True:
             attempt = time.monotonic()
             try:
-                result = call()
+                result = call(deadline_s - (attempt - start))
                 with self._busy_lock:
                     self.busy_s[stage] += time.monotonic() - attempt
                 return result
@@ -353,22 +401,52 @@ class Pipeline:
                     raise StageFailure(exc.code, str(exc)) from exc
                 error = (exc.code, str(exc))
             elapsed = time.monotonic() - start
-            if elapsed + _RETRY_PAUSE_S > deadline_s:
+            if elapsed + _RETRY_PAUSE_S >= deadline_s:
                 raise StageFailure(error[0], f"{error[1]} (gave up after {elapsed:.0f}s, deadline {deadline_s:.0f}s)")
             log.warning("%s stage: %s; retrying (%.0fs of %.0fs)", stage, error[1], elapsed, deadline_s)
             time.sleep(_RETRY_PAUSE_S)
 
+    def _fail_batch(self, items: Sequence[Item], stage: Stage, exc: Exception, editor: Identity | None,
+                    pending: Sequence[Pending] = ()) -> None:
+        """Record every item of a batch that broke with `exc` as failed with its cause, except those
+        already recorded; the run goes on with the next batch."""
+        if isinstance(exc, OSError):
+            error = ItemError("io_error", _os_error(exc))
+        elif isinstance(exc, ProtocolError):
+            error = ItemError("bad_message", str(exc))
+        else:
+            log.error("%s stage: a batch failed", stage, exc_info=exc)
+            error = ItemError("internal", f"{type(exc).__name__}: {exc}")
+        by_id = {p.item.id: p for p in pending}
+        for item in items:
+            if item.id in self._recorded:
+                continue
+            if item.id in by_id:
+                self._finish(by_id[item.id], "failed", error=_failure(stage, error))
+            else:
+                self._record(item, "failed", EditOutcome(status="failed", seed=item_seed(self.config.editor.seed, item.id)),
+                             error=_failure(stage, error), editor=editor)
+
     def _record(self, item: Item, status: ItemStatus, edit: EditOutcome, *, score: Verdict | None = None,
                 error: Failure | None = None, notes: list[str] | None = None, editor: Identity | None = None,
                 judge: JudgeIdentity | None = None, elapsed: Elapsed = Elapsed()) -> None:
-        self.journal.append(ItemRecord(
+        record = ItemRecord(
             schema=SCHEMA_VERSION, id=item.id, category=item.category, instruction=item.instruction,
-            language=item.language, sources=[str(item.source.resolve())],
-            references=[Reference(kind="image", value=str(item.reference.resolve()))] if item.reference else [],
-            metadata=item.metadata, status=status, edit=edit, score=score, error=error, notes=notes or [],
+            language=item.language, sources=[str(path.resolve()) for path in item.sources],
+            references=list(item.references), metadata=item.metadata, groups=list(item.groups),
+            benchmark=item.benchmark, status=status, edit=edit, score=score, error=error, notes=notes or [],
             elapsed=Elapsed(edit_s=round(elapsed.edit_s, 4), score_s=round(elapsed.score_s, 4)),
             editor=editor, judge=judge, finished_at=_now(),
-        ))
+        )
+        try:
+            self.journal.append(record)
+        except OSError as exc:
+            if self.fatal is None:
+                self.fatal = RunFolderError(f"cannot write {self.journal.path}: {_os_error(exc)}; the run stopped "
+                                            "(run it again once there is room: complete items are kept)")
+                log.error("%s", self.fatal)
+            return
+        self._recorded.add(item.id)
         if error is not None:
             log.warning("item %r failed at %s: %s", item.id, error.stage, error.message)
 
@@ -400,7 +478,7 @@ class _Progress:
 
 def _load_source(item: Item) -> tuple[np.ndarray, str | None]:
     try:
-        array, note = read_image_file(item.source)
+        array, note = read_image_file(item.sources[0])
     except ImageError as exc:
         raise ImageError(f"item {item.id!r} field 'source': {exc}") from exc
     return array, f"source: {note}" if note else None
@@ -424,32 +502,77 @@ def _judge(scorer: Status, verdict: Verdict | None) -> JudgeIdentity:
     return JudgeIdentity(**identity, rubric_id=rubric[0], rubric_version=rubric[1], mode=rubric[2])
 
 
-def _wait_ready(endpoint: str, deadline_s: float) -> Status:
-    """Ping until ready (bounded by `deadline_s`); refuse a service that speaks another protocol."""
-    start = time.monotonic()
-    with Client(endpoint, timeout_s=5.0, retries=0) as client:
+def _check_count(results: Sequence[object], sent: Sequence[object], endpoint: str) -> None:
+    if len(results) != len(sent):
+        raise ProtocolError(f"{endpoint} answered {len(results)} result(s) for {len(sent)} item(s)")
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for a failed write; a full disk says so."""
+    if exc.errno == errno.ENOSPC:
+        return f"disk full: no space left to write {exc.filename or 'the run folder'}"
+    return f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
+
+
+def wait_ready(roles: dict[str, str], connect_timeout_s: float, load_timeout_s: float) -> dict[str, Status]:
+    """Ping every endpoint (`roles`: endpoint -> "editor" or "scorer") until all are ready; their statuses.
+
+    Raises ServiceNotReady, one line per service, as soon as one failed to load its model, when one
+    never answered within `connect_timeout_s`, or when one still loads after `load_timeout_s`;
+    ConfigError when a service speaks another protocol. Progress is logged while they load.
+    """
+    start = last_log = time.monotonic()
+    statuses: dict[str, Status | None] = dict.fromkeys(roles)
+    with contextlib.ExitStack() as stack:
+        clients = {ep: stack.enter_context(Client(ep, timeout_s=_PING_TIMEOUT_S, retries=0,
+                                                  miss_log_level=logging.DEBUG)) for ep in roles}
         while True:
-            try:
-                status = client.ping()
-                if status.protocol != PROTOCOL_VERSION.decode():
-                    raise ConfigError(f"{endpoint} speaks protocol {status.protocol}, this runner {PROTOCOL_VERSION.decode()}")
-                if status.state == "ready":
-                    return status
-                cause = f"{status.service} is {status.state}"
-            except RemoteError as exc:
-                if exc.code == "bad_message":
-                    raise ConfigError(f"{endpoint} refused this runner's ping: {exc.message} (incompatible protocol?)") from exc
-                cause = str(exc)
-            except ServiceUnavailable as exc:
-                cause = str(exc)
-            if time.monotonic() - start > deadline_s:
-                raise ConfigError(f"{endpoint} not ready within {deadline_s:.0f}s: {cause}")
-            log.info("waiting for %s: %s", endpoint, cause)
+            for endpoint, client in clients.items():
+                if statuses[endpoint] is None or statuses[endpoint].state != "ready":
+                    # no ping outlasts the connect timeout by much, however many services are down
+                    budget_s = max(0.2, min(_PING_TIMEOUT_S, connect_timeout_s - (time.monotonic() - start)))
+                    statuses[endpoint] = _ping(client, budget_s) or statuses[endpoint]
+            elapsed = time.monotonic() - start
+            waiting = {ep: s for ep, s in statuses.items() if s is None or s.state != "ready"}
+            if not waiting:
+                return {ep: s for ep, s in statuses.items() if s is not None}
+            lines = []
+            for endpoint, status in waiting.items():
+                name = f"{roles[endpoint]} {endpoint}"
+                if status is None and elapsed >= connect_timeout_s:
+                    lines.append(f"{name}: no answer within {connect_timeout_s:.0f}s (is the service running?)")
+                elif status is not None and status.state == "failed":
+                    lines.append(f"{name}: failed to load {status.model}: {status.error}")
+                elif status is not None and elapsed >= load_timeout_s:
+                    lines.append(f"{name}: still loading {status.model} after {load_timeout_s:.0f}s")
+            if lines:
+                raise ServiceNotReady(lines)
+            if time.monotonic() - last_log >= _PROGRESS_EVERY_S:
+                last_log = time.monotonic()
+                for endpoint, status in waiting.items():
+                    state = (f"loading {status.model} ({status.workers} worker(s) ready)" if status
+                             else f"no answer yet ({elapsed:.0f}s of {connect_timeout_s:.0f}s)")
+                    log.info("waiting for the %s at %s: %s", roles[endpoint], endpoint, state)
             time.sleep(_RETRY_PAUSE_S)
 
 
+def _ping(client: Client, budget_s: float) -> Status | None:
+    """The service's status, or None when it did not answer; a service of another protocol is refused."""
+    try:
+        status = client.ping(budget_s)
+    except ServiceUnavailable:
+        return None
+    except RemoteError as exc:
+        if exc.code == "bad_message":
+            raise ConfigError(f"{client.endpoint} refused this runner's ping: {exc.message} (incompatible protocol?)") from exc
+        return None
+    if status.protocol != PROTOCOL_VERSION.decode():
+        raise ConfigError(f"{client.endpoint} speaks protocol {status.protocol}, this runner {PROTOCOL_VERSION.decode()}")
+    return status
+
+
 def _manifest(config: RunConfig, editors: Sequence[Status], scorer: Status | None, n_items: int,
-              problems: Sequence[Any]) -> Manifest:
+              problems: Sequence[Problem], unselected: Sequence[Problem]) -> Manifest:
     score_defaults = scorer.score_defaults if scorer else None
     # a parameter the config leaves to the editor is recorded as the editor's default
     edit_defaults = next((s.edit_defaults for s in editors if s.edit_defaults), None)
@@ -464,7 +587,8 @@ def _manifest(config: RunConfig, editors: Sequence[Status], scorer: Status | Non
         editstack_version=editstack.__version__,
         git_commit=_git_commit(),
         started_at=_now(),
-        dataset=DatasetInfo(spec=config.dataset, items=n_items, problems=[str(p) for p in problems]),
+        dataset=DatasetInfo(spec=config.dataset, items=n_items, problems=[str(p) for p in problems],
+                            unselected_problems=[str(p) for p in unselected]),
         config=config,
         editors=list(editors),
         scorer=scorer,

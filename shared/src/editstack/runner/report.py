@@ -267,6 +267,9 @@ def _markdown(run: _Run, rows: Sequence[_Row]) -> str:
                   for r, e in failures]
     if problems := _problems(run):
         lines += ["", f"## Problems ({len(problems)})", ""] + [f"- {_md(p)}" for p in problems]
+    if unselected := run.manifest.dataset.unselected_problems:
+        lines += ["", f"<details><summary>{len(unselected)} dataset problem(s) in items outside this run's "
+                  "selection</summary>", "", *(f"- {_md(p)}" for p in unselected), "", "</details>"]
     return "\n".join(lines) + "\n"
 
 
@@ -283,8 +286,9 @@ def _problems(run: _Run) -> list[str]:
 
 
 def _md(text: str) -> str:
-    """Text safe inside a Markdown table cell or list item: one line, pipes escaped."""
-    return " ".join(text.split()).replace("|", "\\|")
+    """Text safe inside a Markdown table cell or list item: one line, pipes escaped, and no raw HTML
+    (Markdown renderers pass tags through: an item id like <img onerror=...> would run)."""
+    return html.escape(" ".join(text.split()), quote=False).replace("|", "\\|")
 
 
 # ---- report.html -------------------------------------------------------------------------------
@@ -328,17 +332,30 @@ def _html(run: _Run, rows: Sequence[_Row]) -> str:
     thumbnails: dict[Path, str] = {}  # sources are often shared (one image, several instructions)
     for row in rows[:-1]:
         parts.append(f"<h2>{esc(row.category)}</h2><p>{row.items} item(s), {row.scored} scored, {row.failed} failed</p>"
-                     '<table class="gallery"><tr><th>source</th><th>edit</th><th>instruction</th><th>scores</th></tr>')
+                     '<table class="gallery"><tr><th>source</th><th>reference</th><th>edit</th><th>instruction</th>'
+                     "<th>scores</th></tr>")
         for record in (r for r in run.records if r.category == row.category):
             edit = run.folder / record.edit.path if record.edit.path else None  # absolute paths stay absolute
             language = f" <span class=sub>[{esc(record.language)}]</span>" if record.language else ""
-            parts.append(f"<tr><td>{_image_cell(Path(record.sources[0]), thumbnails)}</td>"
+            sources = "".join(_image_cell(Path(source), thumbnails) for source in record.sources)
+            parts.append(f"<tr><td>{sources}</td><td>{_references_cell(record, thumbnails)}</td>"
                          f"<td>{_image_cell(edit, thumbnails)}</td>"
                          f"<td><b>{esc(record.id)}</b>{language}<br>{esc(record.instruction)}</td>"
                          f"<td>{_outcome_cell(record)}</td></tr>")
         parts.append("</table>")
+    if unselected := run.manifest.dataset.unselected_problems:
+        parts.append(f"<details><summary>{len(unselected)} dataset problem(s) in items outside this run's "
+                     "selection</summary><ul>" + "".join(f"<li>{esc(p)}</li>" for p in unselected) + "</ul></details>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def _references_cell(record: ItemRecord, thumbnails: dict[Path, str]) -> str:
+    """What the edit is judged against: reference images as thumbnails, texts and explanations as text."""
+    cells = [_image_cell(Path(r.value), thumbnails) if r.kind == "image"
+             else f'<div class="sub"><i>{html.escape(r.kind)}</i>: {html.escape(_short(r.value))}</div>'
+             for r in record.references]
+    return "".join(cells) or _DASH
 
 
 def _outcome_cell(record: ItemRecord) -> str:

@@ -6,8 +6,9 @@
       edits/<category>/<id>.png
       results.jsonl      one `ItemRecord` per line, appended and flushed as each item finishes
       report.md, report.html, summary.json, summary.csv, summary.meta.json
+      .lock              held by the runner writing the folder (`RunFolderLock`)
 
-The runner is the folder's only writer; it builds records and the manifest from these types only,
+The runner is the folder's only writer (the lock refuses a second one); it builds records and the manifest from these types only,
 and resume and the reports read them back through the same types. Every record and the manifest
 carry `schema` (SCHEMA_VERSION): a reader refuses another version, and a line or a manifest that
 does not fit is an error naming the file, the line and the field (msgspec's `$.path`).
@@ -18,9 +19,13 @@ append-only; a crash can only tear its last line, which `Journal.load` drops.
 
 from __future__ import annotations
 
+import datetime as dt
+import errno
+import fcntl
 import logging
 import math
 import os
+import socket
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,7 +36,8 @@ import msgspec
 
 from editstack.errors import RunFolderError
 from editstack.runner.config import RunConfig
-from editstack.runner.files import write_atomic
+from editstack.runner.datasets import Reference
+from editstack.runner.files import remove_partials, write_atomic
 from editstack.wire.protocol import ErrorCode, Identity, Status, Verdict
 
 log = logging.getLogger(__name__)
@@ -40,6 +46,7 @@ SCHEMA_VERSION = 1
 RESULTS_NAME = "results.jsonl"
 MANIFEST_NAME = "manifest.json"
 CONFIG_NAME = "config.yaml"
+LOCK_NAME = ".lock"
 
 Stage = Literal["edit", "score"]
 ItemStatus = Literal["scored", "edited", "failed"]
@@ -51,13 +58,6 @@ def _check_schema(schema: int, what: str) -> None:
 
 
 # ---- results.jsonl -----------------------------------------------------------------------------
-
-class Reference(msgspec.Struct, frozen=True, kw_only=True):
-    """What an edit is judged against besides its instruction: an image path or a text."""
-
-    kind: Literal["image", "text"]
-    value: str
-
 
 class EditOutcome(msgspec.Struct, frozen=True, kw_only=True):
     """The edit stage's part of a record. `path` is relative to the run folder, or absolute for an
@@ -101,9 +101,11 @@ class ItemRecord(msgspec.Struct, frozen=True, kw_only=True):
     category: str
     instruction: str
     language: str | None = None
-    sources: list[str]  # absolute paths of the source images
-    references: list[Reference] = []
+    sources: list[str]  # absolute paths of the source images, in the benchmark's order
+    references: list[Reference] = []  # reference images (absolute paths), texts, explanations
     metadata: dict[str, Any] = {}
+    groups: list[str] = []  # the benchmark's groups of its category (e.g. KRIS-Bench knowledge types)
+    benchmark: str = ""  # the reader that produced the item
     status: ItemStatus
     edit: EditOutcome
     score: Verdict | None = None
@@ -207,7 +209,8 @@ def _line(record: ItemRecord) -> bytes:
 class DatasetInfo(msgspec.Struct, frozen=True, kw_only=True):
     spec: str
     items: int  # selected
-    problems: list[str] = []  # items the loader skipped, each with file, line, field and cause
+    problems: list[str] = []  # selected items the loader skipped, each with file, line, field and cause
+    unselected_problems: list[str] = []  # the same for items outside the selection: listed, never counted
 
 
 class RubricInfo(msgspec.Struct, frozen=True):
@@ -287,3 +290,53 @@ def read_manifest(folder: Path) -> Manifest:
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
     write_atomic(Path(folder) / MANIFEST_NAME, msgspec.json.format(_encoder.encode(manifest)))
+
+
+# ---- one writer ------------------------------------------------------------------------------------
+
+class RunFolderLock:
+    """The one-writer rule: an exclusive flock on <folder>/.lock, held while the run writes.
+
+    The kernel releases a flock when its process dies, so the lock of a killed runner (even
+    SIGKILL) is simply taken by the next one, which then removes the temporary files the killed
+    writer left. The lock file stays in place (unlinking it would let a third runner lock a new
+    file while a second still holds the old one) and names its holder for the refusal message.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunFolderLock:
+        path = self.folder / LOCK_NAME
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError as exc:
+            # the usual cause: Docker created a missing bind-mount folder as root
+            existing = next(p for p in (self.folder.absolute(), *self.folder.absolute().parents) if p.exists())
+            raise RunFolderError(
+                f"cannot write the run folder {self.folder}: {exc.strerror} ({existing} is owned by uid "
+                f"{existing.stat().st_uid}, this runner is uid {os.getuid()}); make it writable, e.g. "
+                f"`sudo chown -R {os.getuid()} {existing}`, or choose another run folder") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise RunFolderError(f"cannot lock {path}: {exc.strerror}") from None
+            raise RunFolderError(f"{self.folder} is being written by another runner ({holder}); wait for it "
+                                 "to finish, or give this run another folder") from None
+        os.ftruncate(fd, 0)
+        started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode(), 0)
+        self._fd = fd
+        if removed := remove_partials(self.folder):
+            log.info("%s: removed %d temporary file(s) an interrupted run left", self.folder, removed)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None

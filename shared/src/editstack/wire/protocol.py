@@ -43,6 +43,7 @@ Error codes (`ErrorCode`), one list for both services and the runner:
     model_error        ItemError              the model raised on this item (e.g. CUDA out of memory)
     unparseable_reply  ItemError              generate mode: no schema-valid judge reply within the attempts
     service_unavailable  runner               no reply from the service within the stage's deadline
+    io_error           runner                 an output could not be written (disk full, permissions)
 
 Compatibility: adding a field with a default is additive; anything else bumps PROTOCOL_VERSION.
 Version 2: one Verdict type inside ScoreResult, typed Status (no free `details` dict), ErrorCode.
@@ -62,7 +63,7 @@ JudgeMode = Literal["logits", "generate"]
 ErrorCode = Literal[
     "bad_message", "limit_exceeded", "loading", "failed", "expired", "busy", "unsupported", "internal",
     "missing_image", "bad_image", "bad_instruction", "bad_param", "bad_input", "model_error", "unparseable_reply",
-    "service_unavailable",
+    "service_unavailable", "io_error",
 ]
 
 
@@ -154,6 +155,7 @@ class EditDefaults(msgspec.Struct, frozen=True, kw_only=True):
     height: int | None = None
     condition_max_px: int | None = None  # None: the pipeline's own conditioning size
     batch_size: int = 1  # items per pipeline call
+    limits: dict[str, int] = {}  # the editor's limits by setting: max_message_bytes, max_image_px, ...
 
 
 class ScoreDefaults(msgspec.Struct, frozen=True, kw_only=True):
@@ -164,6 +166,9 @@ class ScoreDefaults(msgspec.Struct, frozen=True, kw_only=True):
     rubric_version: str
     aggregation: str
     batch_size: int = 1  # items per forward pass
+    max_new_tokens: int | None = None  # generate mode: the reply's length limit (None: not reported)
+    generate_retries: int | None = None  # generate mode: attempts after an unparseable reply
+    limits: dict[str, int] = {}  # the scorer's limits by setting: max_message_bytes, max_image_px, ...
 
 
 class Status(msgspec.Struct, tag="status", tag_field="op", frozen=True, kw_only=True):
