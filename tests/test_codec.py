@@ -43,10 +43,10 @@ def _image(h: int, w: int, c: int | None = 3, seed: int = 0) -> np.ndarray:
 
 def _round_trip(images: list[np.ndarray], encoding: str) -> list[np.ndarray]:
     blobs = Blobs()
-    items = [EditItem(id=f"i{k}", instruction="x", image=blobs.add(im, encoding)) for k, im in enumerate(images)]
+    items = [EditItem(id=f"i{k}", instruction="x", images=[blobs.add(im, encoding)]) for k, im in enumerate(images)]
     frames = [bytes(memoryview(f).cast("B")) if isinstance(f, np.ndarray) else f for f in encode(EditRequest(items), blobs)]
     request, received = decode_request(frames, LIMITS)
-    return [read_image(item.image, received, LIMITS) for item in request.items]
+    return [read_image(item.images[0], received, LIMITS) for item in request.items]
 
 
 @pytest.mark.parametrize("encoding", ["raw", "png"])
@@ -108,11 +108,11 @@ def test_reply_with_images_round_trips() -> None:
         ([PROTOCOL_VERSION], "at least 2 frames"),
         ([b"editstack/0", encode(Ping())[1]], "protocol version"),
         ([PROTOCOL_VERSION, b"\xc1garbage"], "malformed header"),
-        ([PROTOCOL_VERSION, encode(EditRequest([EditItem("a", "x", ImageRef(0, "raw", (2, 2, 3), "uint8"))]))[1]],
+        ([PROTOCOL_VERSION, encode(EditRequest([EditItem("a", "x", [ImageRef(0, "raw", (2, 2, 3), "uint8")])]))[1]],
          "carries 0 blob"),
-        ([PROTOCOL_VERSION, encode(EditRequest([EditItem("a", "x", ImageRef(0, "raw", (2, 2, 3), "uint8"))]))[1],
+        ([PROTOCOL_VERSION, encode(EditRequest([EditItem("a", "x", [ImageRef(0, "raw", (2, 2, 3), "uint8")])]))[1],
           b"\x00" * 11], "needs 12 bytes"),
-        ([PROTOCOL_VERSION, encode(EditRequest([EditItem("a", "x", ImageRef(0, "raw", (2, 2, 3), "float32"))]))[1],
+        ([PROTOCOL_VERSION, encode(EditRequest([EditItem("a", "x", [ImageRef(0, "raw", (2, 2, 3), "float32")])]))[1],
           b"\x00" * 12], "is not uint8"),
     ],
 )
@@ -123,7 +123,7 @@ def test_malformed_messages_are_refused_naming_the_cause(frames: list[bytes], ma
 
 def test_limits_on_message_size_and_batch() -> None:
     blobs = Blobs()
-    items = [EditItem(id=str(k), instruction="x", image=blobs.add(_image(8, 8))) for k in range(3)]
+    items = [EditItem(id=str(k), instruction="x", images=[blobs.add(_image(8, 8))]) for k in range(3)]
     with pytest.raises(LimitExceeded, match="bytes is over the limit"):
         decode_request(encode(EditRequest(items), blobs), Limits(max_message_bytes=100))
     with pytest.raises(LimitExceeded, match="batch of 3"):
@@ -162,7 +162,7 @@ def test_header_over_its_size_bound_is_refused_before_decoding() -> None:
         decode_request(encode(long_prompt), limits)
     # a full batch of longest instructions (4 bytes a character in UTF-8) is within the bound
     blobs = Blobs()
-    items = [EditItem(id="i" * 200, instruction="天" * LIMITS.max_instruction_chars, image=blobs.add(_image(2, 2)),
+    items = [EditItem(id="i" * 200, instruction="天" * LIMITS.max_instruction_chars, images=[blobs.add(_image(2, 2))],
                       seed=2**63 - 1, width=2**31, height=2**31) for _ in range(LIMITS.max_batch)]
     frames = [bytes(memoryview(f).cast("B")) if isinstance(f, np.ndarray) else f for f in encode(EditRequest(items), blobs)]
     assert len(decode_request(frames, LIMITS)[0].items) == LIMITS.max_batch
@@ -171,7 +171,7 @@ def test_header_over_its_size_bound_is_refused_before_decoding() -> None:
 @pytest.mark.parametrize("field", ["id", "instruction"])
 def test_invalid_utf8_in_an_item_string_is_a_malformed_header(field: str) -> None:
     item = EditItem(id="MARKER" if field == "id" else "a", instruction="MARKER" if field == "instruction" else "x",
-                    image=ImageRef(0, "raw", (1, 1, 3), "uint8"))
+                    images=[ImageRef(0, "raw", (1, 1, 3), "uint8")])
     header = encode(EditRequest([item]))[1].replace(b"MARKER", b"\xff\xfe\xed\xa0\x80!")  # bad start byte, a surrogate
     with pytest.raises(ProtocolError, match="malformed header: invalid UTF-8"):
         decode_request([PROTOCOL_VERSION, header, b"\x00" * 3], LIMITS)

@@ -41,7 +41,7 @@ def _edit(client: Client, images: list, seeds: list[int], size: tuple[int, int] 
           instructions: list[str] | None = None, **params):
     blobs = Blobs()
     items = [EditItem(id=f"item-{k}", instruction=(instructions or ["make the sky blue"] * len(images))[k],
-                      image=blobs.add(im) if isinstance(im, np.ndarray) else im(blobs), seed=seed,
+                      images=[blobs.add(im) if isinstance(im, np.ndarray) else im(blobs)], seed=seed,
                       width=size and size[0], height=size and size[1])
              for k, (im, seed) in enumerate(zip(images, seeds, strict=True))]
     reply, received = client.edit(EditRequest(items, EditParams(**params)), blobs)
@@ -69,7 +69,7 @@ def test_ping_reports_loading_then_ready_with_model_and_library_versions(start_e
     assert states[0] == "loading" and states[-1] == "ready"
     assert status.service == "editor" and status.model == "embedded-tiny" and status.workers == 1
     assert status.versions["diffusers"] == "0.39.0" and status.versions["transformers"] == "4.57.6"
-    assert status.embedded_tiny and status.backend == "diffusers/QwenImageEditPipeline"
+    assert status.embedded_tiny and status.backend == "diffusers/QwenImageEditPlusPipeline"
     assert status.dtype == "float32" and status.devices == ["cpu"] and status.edit_defaults.steps == 4
 
 
@@ -116,7 +116,7 @@ def test_each_bad_input_gets_its_item_error_and_the_next_request_succeeds(start_
         assert "'item-1'" in messages[1] and "empty image" in messages[1]
         assert "'item-2'" in messages[2] and "over the limit" in messages[2]
         assert "'item-3'" in messages[3] and "empty instruction" in messages[3]
-        assert reply.items[4].notes == ["image: converted RGBA to RGB over white"]
+        assert reply.items[4].notes == ["images[0]: converted RGBA to RGB over white"]
 
         for params, size, field in (({"steps": 0}, (64, 64), "steps"), ({"guidance": -1.0}, (64, 64), "guidance"),
                                     ({}, (50, 64), "width")):
@@ -155,3 +155,30 @@ def test_two_cpu_workers_serve_requests_concurrently(start_editor) -> None:
         thread.join(300)
     assert busy == 2, "the two requests were never in flight on both workers at once"
     assert [r.items[0].error for r in replies] == [None, None]
+
+
+def test_the_embedded_model_edits_a_multi_image_item_and_a_phone_photo_at_its_own_size(start_editor) -> None:
+    service = start_editor()
+    photo = np.random.default_rng(3).integers(0, 256, (3024, 4032, 3), dtype=np.uint8)  # 12 MP, 4:3
+    with Client(service.endpoint, timeout_s=300) as client:
+        assert client.ping().backend == "diffusers/QwenImageEditPlusPipeline"
+        blobs = Blobs()
+        pair = EditItem(id="pair", instruction="put the second object into the first scene",
+                        images=[blobs.add(SOURCE), blobs.add(SOURCE[::-1].copy())], seed=1, width=64, height=64)
+        phone = EditItem(id="phone", instruction="make the sky blue", images=[blobs.add(photo)], seed=1)
+        reply, received = client.edit(EditRequest([pair, phone], EditParams(steps=2)), blobs)
+    assert [r.error for r in reply.items] == [None, None]
+    assert read_image(reply.items[0].image, received, Limits()).shape == (64, 64, 3)
+    # no size asked for: the pipeline's own rule (4:3, sides multiples of 32), within the 256² default cap
+    assert read_image(reply.items[1].image, received, Limits()).shape == (224, 288, 3)
+
+
+def test_a_one_image_model_refuses_a_multi_image_item_with_a_coded_error(start_editor) -> None:
+    service = start_editor(model="identity")
+    with Client(service.endpoint, timeout_s=30) as client:
+        blobs = Blobs()
+        items = [EditItem(id="pair", instruction="x", images=[blobs.add(SOURCE), blobs.add(SOURCE)]),
+                 EditItem(id="one", instruction="x", images=[blobs.add(SOURCE)])]
+        reply, _ = client.edit(EditRequest(items), blobs)
+    assert reply.items[0].error.code == "unsupported" and "takes at most 1" in reply.items[0].error.message
+    assert reply.items[1].error is None

@@ -104,9 +104,9 @@ def _valid(rng: random.Random, service: str) -> tuple[dict[str, Any], list[bytes
     for k in range(rng.randint(0, 3)):
         source = blobs.add(_array(rng), rng.choice(["raw", "png"]))
         if op == "edit":
-            items.append(EditItem(f"item-{k}", "make the sky blue", source, seed=rng.randrange(2**31)))
+            items.append(EditItem(f"item-{k}", "make the sky blue", [source], seed=rng.randrange(2**31)))
         else:
-            items.append(ScoreItem(f"item-{k}", "make the sky blue", source, blobs.add(_array(rng))))
+            items.append(ScoreItem(f"item-{k}", "make the sky blue", [source], blobs.add(_array(rng))))
     message = EditRequest(items) if op == "edit" else ScoreRequest(items)
     return msgspec.to_builtins(message), [_frame(f) for f in blobs.frames]
 
@@ -341,9 +341,9 @@ def odd_but_valid(service: str) -> list[Case]:
                                               ("make it red", sixteen.getvalue()), (" a ", rgba)]):
         blobs = Blobs()
         if service == "scorer":
-            message: Any = ScoreRequest([ScoreItem(f"odd-{k}", instruction, blobs.add(gray), blobs.add(image))])
+            message: Any = ScoreRequest([ScoreItem(f"odd-{k}", instruction, [blobs.add(gray)], blobs.add(image))])
         else:
-            message = EditRequest([EditItem(f"odd-{k}", instruction, blobs.add(image), seed=2**63 - 1 if k else 0,
+            message = EditRequest([EditItem(f"odd-{k}", instruction, [blobs.add(image)], seed=2**63 - 1 if k else 0,
                                             width=16, height=16)], EditParams(steps=1, negative_prompt="😀"))
         cases.append(Case([_frame(f) for f in encode(message, blobs)], f"odd valid item {k}", valid=True))
     return cases
@@ -433,10 +433,10 @@ def assert_serves_a_valid_request(client: Client, name: str) -> None:
     image = np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     blobs = Blobs()
     if name == "scorer":
-        reply = client.score(ScoreRequest([ScoreItem("ok", "make it blue", blobs.add(image), blobs.add(image))]), blobs)
+        reply = client.score(ScoreRequest([ScoreItem("ok", "make it blue", [blobs.add(image)], blobs.add(image))]), blobs)
         assert reply.items[0].verdict is not None, reply
     else:
-        reply, _ = client.edit(EditRequest([EditItem("ok", "make it blue", blobs.add(image), width=16, height=16)],
+        reply, _ = client.edit(EditRequest([EditItem("ok", "make it blue", [blobs.add(image)], width=16, height=16)],
                                            EditParams(steps=1)), blobs)
         assert reply.items[0].image is not None, reply
 

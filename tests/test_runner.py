@@ -112,7 +112,7 @@ def test_full_run_of_the_sample_writes_every_artefact_with_every_item_scored(tmp
         assert (run / record["edit"]["path"]).is_file()
         assert Image.open(run / record["edit"]["path"]).size == (64, 64)
         assert 0 <= record["score"]["overall"] <= 10 and record["score"]["raw"]
-        assert record["schema"] == 1 and record["editor"]["backend"] == "diffusers/QwenImageEditPipeline"
+        assert record["schema"] == 1 and record["editor"]["backend"] == "diffusers/QwenImageEditPlusPipeline"
         assert record["editor"]["embedded_tiny"] and record["judge"]["embedded_tiny"]
         assert (record["judge"]["rubric_id"], record["judge"]["rubric_version"]) == ("viescore", "1")
     manifest = json.loads((run / "manifest.json").read_text())
@@ -254,3 +254,25 @@ def test_kris_folder_and_gedit_export_run_through_the_services(tmp_path, service
         [record] = _records(tmp_path / run_dir)
         assert record["status"] == "scored"
     assert record["category"] == "color_alter" and record["language"] == "zh"
+
+
+def test_a_multi_image_kris_item_is_edited_and_scored_and_only_selected_problems_count(tmp_path, services) -> None:
+    from benchmark_layouts import kris_category, kris_entry
+
+    root = tmp_path / "KRIS_Bench"
+    kris_category(root, "multi-element_composition", {
+        "1": kris_entry(["1-a.jpg", "1-b.jpg", "1-c.jpg"], "put the three objects in one scene", gt_img="1-gt.jpg",
+                        explain="the objects keep their colours")})
+    # a broken item in a category this run does not select: listed, never counted against the run
+    kris_category(root, "count_change", {"1": kris_entry("1.jpg", "add one more")}, missing=("1.jpg",))
+    config = _config(tmp_path, services, dataset=str(root), run_dir=str(tmp_path / "kris"))
+    result = _run(config, "--categories", "多元素组合")  # its Chinese name
+    assert result.returncode == 0, result.stderr[-3000:]
+    [record] = _records(tmp_path / "kris")
+    assert record["status"] == "scored" and len(record["sources"]) == 3
+    assert {r["kind"] for r in record["references"]} == {"image", "explanation"}
+    manifest = json.loads((tmp_path / "kris" / "manifest.json").read_text())
+    assert manifest["dataset"]["problems"] == [] and len(manifest["dataset"]["unselected_problems"]) == 1
+    report = (tmp_path / "kris" / "report.md").read_text()
+    assert "outside this run's selection" in report
+    assert report.index("## Results") < report.index("outside this run's selection")

@@ -40,7 +40,7 @@ def _score(client: Client, pairs: list, instructions: list[str], **request):
     items = []
     for k, ((source, edited), instruction) in enumerate(zip(pairs, instructions, strict=True)):
         add = lambda image: image(blobs) if callable(image) else blobs.add(image)  # noqa: E731
-        items.append(ScoreItem(id=f"item-{k}", instruction=instruction, source=add(source),
+        items.append(ScoreItem(id=f"item-{k}", instruction=instruction, sources=[add(source)],
                                edited=None if edited is None else add(edited)))
     return client.score(ScoreRequest(items, **request), blobs).items
 
@@ -92,7 +92,7 @@ def test_each_bad_input_gets_its_item_error_and_the_next_request_succeeds(scorer
                      ["x", "x", "x", "  ", "x", "make the sky blue"])
     codes = [r.error.code if r.error else None for r in results]
     assert codes == ["bad_image", "bad_image", "missing_image", "bad_instruction", "model_error", None]
-    assert "'item-0' field 'source'" in results[0].error.message
+    assert "'item-0' field 'sources[0]'" in results[0].error.message
     assert "'item-1' field 'edited'" in results[1].error.message and "over the limit" in results[1].error.message
     assert "'item-2' field 'edited'" in results[2].error.message
     assert "'item-4'" in results[4].error.message

@@ -41,7 +41,7 @@ IMAGE = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
 
 def _edit_request(n: int = 2, encoding: str = "raw") -> tuple[EditRequest, Blobs]:
     blobs = Blobs()
-    items = [EditItem(id=f"item-{k}", instruction="keep it", image=blobs.add(IMAGE, encoding)) for k in range(n)]
+    items = [EditItem(id=f"item-{k}", instruction="keep it", images=[blobs.add(IMAGE, encoding)]) for k in range(n)]
     return EditRequest(items), blobs
 
 
@@ -78,7 +78,7 @@ def test_echo_round_trip_returns_the_same_images_raw_and_png(start_echo) -> None
                 assert np.array_equal(read_image(result.image, received, Limits()), IMAGE)
         png = encode_png(IMAGE)  # PNG bytes come back byte for byte
         blobs = Blobs()
-        reply, received = client.edit(EditRequest([EditItem("p", "x", blobs.add(png))]), blobs)
+        reply, received = client.edit(EditRequest([EditItem("p", "x", [blobs.add(png)])]), blobs)
         assert bytes(received[0]) == png
 
 
@@ -89,7 +89,7 @@ def test_echo_round_trip_returns_the_same_images_raw_and_png(start_echo) -> None
         ([b"editstack/99", encode(Ping())[1]], "bad_message"),
         ([PROTOCOL_VERSION], "bad_message"),  # truncated: no header
         ([PROTOCOL_VERSION, encode(_edit_request(2)[0])[1], IMAGE.tobytes()], "bad_message"),  # one blob of two
-        ([PROTOCOL_VERSION, encode(EditRequest([EditItem("a", "x", ImageRef(0, "raw", (4, 4, 3), "uint8"))]))[1],
+        ([PROTOCOL_VERSION, encode(EditRequest([EditItem("a", "x", [ImageRef(0, "raw", (4, 4, 3), "uint8")])]))[1],
           IMAGE.tobytes()], "bad_message"),  # header does not match its frame
     ],
     ids=["random-bytes", "wrong-version", "truncated", "missing-frame", "header-mismatch"],
@@ -124,11 +124,11 @@ def test_oversized_message_and_over_limit_image_are_refused_and_the_server_keeps
         big = np.zeros((200, 200, 3), dtype=np.uint8)
         blobs = Blobs()
         with pytest.raises(RemoteError, match="over the limit of 50000 bytes") as err:
-            client.edit(EditRequest([EditItem("big", "x", blobs.add(big))]), blobs)
+            client.edit(EditRequest([EditItem("big", "x", [blobs.add(big)])]), blobs)
         assert err.value.code == "limit_exceeded"
         blobs = Blobs()
         wide = np.zeros((10, 200, 3), dtype=np.uint8)
-        reply, _ = client.edit(EditRequest([EditItem("wide", "x", blobs.add(wide)), EditItem("ok", "x", blobs.add(IMAGE[:20, :20]))]), blobs)
+        reply, _ = client.edit(EditRequest([EditItem("wide", "x", [blobs.add(wide)]), EditItem("ok", "x", [blobs.add(IMAGE[:20, :20])])]), blobs)
         assert reply.items[0].error.code == "bad_image" and "'wide'" in reply.items[0].error.message
         assert "over the limit of 1600" in reply.items[0].error.message
         assert reply.items[1].error is None
@@ -431,7 +431,7 @@ def test_sigterm_while_a_worker_is_busy_past_the_bound_abandons_it_and_exits_0(s
 def test_sigterm_while_the_editor_is_mid_edit_exits_0_within_the_bound(start_editor) -> None:
     service = start_editor()
     blobs = Blobs()
-    slow = EditRequest([EditItem("slow", "make it blue", blobs.add(IMAGE), width=256, height=256)],
+    slow = EditRequest([EditItem("slow", "make it blue", [blobs.add(IMAGE)], width=256, height=256)],
                        EditParams(steps=1000))  # about a minute on the tiny model on a CPU
     _edit_in_background(service.endpoint, [], (slow, blobs))
     _wait_until_busy(service.endpoint)

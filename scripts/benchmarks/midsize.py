@@ -47,9 +47,9 @@ def editor(folder: Path) -> str:
     from editstack_editor.worker import EditJob
 
     started = time.perf_counter()
-    tiny.build(folder / "editor-mid", size="mid")
+    tiny.build(folder / "editor-mid", size="mid", pipeline="edit")  # batchable: batch 1 vs 4 is timed
     print(f"build: {time.perf_counter() - started:.1f} s")
-    jobs = [EditJob(image, "make the sky blue", seed, 20, 4.0, " ", 512, 512)
+    jobs = [EditJob([image], "make the sky blue", seed, 20, 4.0, " ", 512, 512)
             for seed, image in enumerate(_images(4, 512, 0))]
     figures = {}
     for batch_size in (1, 4):
@@ -90,7 +90,7 @@ def scorer(folder: Path) -> str:
     params = sum(p.numel() for p in judge.model.parameters())
     rubric = load_rubric("viescore")
     sources, edits = _images(4, 512, 1), _images(4, 512, 2)
-    jobs = [ScoreJob(s, e, "make the sky blue") for s, e in zip(sources, edits, strict=True)]
+    jobs = [ScoreJob([s], e, "make the sky blue") for s, e in zip(sources, edits, strict=True)]
     judge.score(jobs[:1], "logits", rubric)  # warm-up
     torch.cuda.reset_peak_memory_stats()
     rates = {}

@@ -39,7 +39,7 @@ MODEL_LOAD_LOG = re.compile(r"judge .* loaded on .* in ([0-9.]+) s")
 
 def _request(images: list[np.ndarray], mode: str) -> tuple[ScoreRequest, Blobs]:
     blobs = Blobs()
-    items = [ScoreItem(id=str(k), instruction=INSTRUCTIONS[k % len(INSTRUCTIONS)], source=blobs.add(images[k]),
+    items = [ScoreItem(id=str(k), instruction=INSTRUCTIONS[k % len(INSTRUCTIONS)], sources=[blobs.add(images[k])],
                        edited=blobs.add(images[-1 - k])) for k in range(BATCH)]
     return ScoreRequest(items, mode=mode), blobs
 

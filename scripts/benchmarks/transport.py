@@ -60,7 +60,7 @@ json.dump({"images": out}, sys.stdout)
 
 def _request(images: list[np.ndarray]) -> tuple[EditRequest, Blobs]:
     blobs = Blobs()
-    items = [EditItem(id=str(k), instruction="keep", image=blobs.add(im)) for k, im in enumerate(images)]
+    items = [EditItem(id=str(k), instruction="keep", images=[blobs.add(im)]) for k, im in enumerate(images)]
     return EditRequest(items), blobs
 
 

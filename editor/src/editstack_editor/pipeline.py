@@ -32,6 +32,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # The pipelines this module knows how to call, and whether one call may carry several items:
 # QwenImageEditPlusPipeline refuses batch_size > 1 (diffusers 0.39.0).
 _BATCHABLE = {"QwenImageEditPipeline": True, "QwenImageEditPlusPipeline": False}
+# How many source images one edit may take: QwenImageEditPipeline conditions on one image;
+# QwenImageEditPlusPipeline (Qwen-Image-Edit-2509) on a list of them ("Picture 1:", "Picture 2:"...).
+_MAX_IMAGES = {"QwenImageEditPipeline": 1, "QwenImageEditPlusPipeline": None}
+# Both pipelines' default output area when no size is given (their `calculate_dimensions(1024 * 1024, ratio)`)
+_DEFAULT_AREA_PX = 1024 * 1024
 
 
 class DiffusersEditor:
@@ -78,10 +83,21 @@ class DiffusersEditor:
 
         self.pipeline_class: str = pipeline_class
         self.backend = f"diffusers/{pipeline_class}"
+        self.max_images: int | None = _MAX_IMAGES[pipeline_class]
+        module = sys.modules[type(pipe).__module__]
+        # the module's own rule, not the conditioning cap `_cap_condition_area` wraps around it
+        self._calculate_dimensions = getattr(module.calculate_dimensions, "__wrapped__", module.calculate_dimensions)
         self._pipe = pipe
         self._batch_size = batch_size if _BATCHABLE[pipeline_class] else 1
         # output sides must be multiples of this: both pipelines floor other sizes without a word
         self.size_multiple: int = pipe.vae_scale_factor * 2
+
+    def default_size(self, width: int, height: int, max_px: int | None) -> tuple[int, int]:
+        """The size the pipeline itself gives a width x height source (~1024² at its aspect ratio, sides
+        multiples of 32), its area capped at max_px."""
+        area = _DEFAULT_AREA_PX if max_px is None else min(_DEFAULT_AREA_PX, max_px)
+        out_width, out_height = self._calculate_dimensions(area, width / height)[:2]
+        return max(32, int(out_width)), max(32, int(out_height))
 
     def edit(self, jobs: list[EditJob]) -> list[PIL.Image.Image | ItemFailure]:
         """Edit each job; one entry per job, in order: the RGB image, or the ItemFailure that names why not."""
@@ -134,9 +150,9 @@ class DiffusersEditor:
                 failure = ItemFailure("model_error", f"out of memory in {self.pipeline_class}: {exc}")
             else:
                 failure = ItemFailure("model_error", f"{self.pipeline_class} failed: {type(exc).__name__}: {exc}")
+            # the traceback stays in the service's log; the item's error carries the one-line cause
             logger.warning("edit failed (seed %d, %dx%d, %d steps): %s", job.seed, job.width, job.height, job.steps,
-                           failure)
-            logger.debug("edit failure traceback", exc_info=True)
+                           failure, exc_info=True)
         # outside the except block: the traceback's frames, and the tensors they hold, are gone now
         self._free_memory()
         return failure
@@ -147,7 +163,7 @@ class DiffusersEditor:
         result = self._pipe(
             # QwenImageEditPipeline: one image per item; QwenImageEditPlusPipeline (never batched): the
             # list of one item's input images. Both read a list of PIL images.
-            image=[job.image for job in jobs],
+            image=[job.images[0] for job in jobs] if _BATCHABLE[self.pipeline_class] else first.images,
             prompt=[job.instruction for job in jobs],
             # without guidance the negative prompt is unused; passing it would only log a warning per call
             negative_prompt=[first.negative_prompt] * len(jobs) if first.guidance > 1 else None,
@@ -170,7 +186,8 @@ class DiffusersEditor:
 def _batch_key(job: EditJob) -> tuple[object, ...]:
     # QwenImageEditPipeline sizes every item's conditioning image from the first image's aspect
     # ratio, so only jobs with equal ratios may share a call
-    return (job.steps, job.guidance, job.negative_prompt, job.width, job.height, job.image.width / job.image.height)
+    return (job.steps, job.guidance, job.negative_prompt, job.width, job.height,
+            job.images[0].width / job.images[0].height)
 
 
 def _cap_condition_area(module: ModuleType, max_px: int | None) -> None:

@@ -8,6 +8,7 @@ from editstack.wire.transport import default_endpoint
 EMBEDDED_MODEL = "embedded-tiny"
 IDENTITY_MODEL = "identity"
 EMBEDDED_CONDITION_PX = 64 * 64
+EMBEDDED_OUTPUT_PX = 256 * 256
 
 
 class EditorSettings(LimitSettings, frozen=True):
@@ -23,8 +24,12 @@ class EditorSettings(LimitSettings, frozen=True):
     steps: int = 4  # default sampling steps (a request may override)
     guidance: float = 1.0  # default true_cfg_scale; <= 1 disables classifier-free guidance
     negative_prompt: str = " "  # default; None would silently disable CFG in the Qwen pipelines
-    width: int = 0  # default output size; 0 = the source's, floored to the pipeline's size step
+    # default output size; 0 = the model's own rule: ~1024² at the source's aspect ratio for the Qwen
+    # pipelines (the source's size for identity), capped by max_output_px
+    width: int = 0
     height: int = 0
+    # cap on that default output area; unset = 256² for embedded-tiny (CPU edits), else none
+    max_output_px: int | None = None
     # cap on the conditioning image's area (the Qwen edit pipelines resize it to ~1024² whatever the
     # output size); unset = 4096 (64²) for embedded-tiny, whose CPU edits take 10 s at 1024², and
     # the pipeline's own size for every other model; 0 = the pipeline's own size
@@ -41,6 +46,13 @@ class EditorSettings(LimitSettings, frozen=True):
         if self.condition_max_px is None:
             return EMBEDDED_CONDITION_PX if self.model == EMBEDDED_MODEL else None
         return self.condition_max_px or None
+
+    @property
+    def output_cap_px(self) -> int | None:
+        """The cap on a default output size: None for the model's own size."""
+        if self.max_output_px is None:
+            return EMBEDDED_OUTPUT_PX if self.model == EMBEDDED_MODEL else None
+        return self.max_output_px or None
 
     @property
     def model_folder(self) -> str:

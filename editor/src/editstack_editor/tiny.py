@@ -2,7 +2,10 @@
 
 `python -m editstack_editor.tiny OUT_DIR` writes a folder that `DiffusionPipeline.from_pretrained`
 loads like a real checkpoint, so the whole stack runs on a CPU with no model download. Its edits
-are noise; the marker file `editstack_tiny.json` lets reports say so.
+are noise; the marker file `editstack_tiny.json` lets reports say so. The default is a
+QwenImageEditPlusPipeline (Qwen-Image-Edit-2509's class), which takes several source images, so
+the embedded model edits multi-image items too; `--pipeline edit` builds QwenImageEditPipeline
+(one image, but batchable) from the same components.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from editstack.service.tinymodels import build_model_folder, video_processor_kwargs, write_qwen_tokenizer
 
 if TYPE_CHECKING:
-    from diffusers import QwenImageEditPipeline
+    from diffusers import DiffusionPipeline
 
 SEED = 0
 _Z_DIM = 16  # latent channels, as in the real Qwen-Image VAE
@@ -33,13 +36,16 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def build(out_dir: Path, size: str = "tiny") -> Path:
-    """Build the pipeline of `size` into `out_dir` (atomically) and return it; an existing build is kept."""
-    return build_model_folder(out_dir, lambda folder: _write(folder, size))
+PIPELINES = ("plus", "edit")
 
 
-def _write(folder: Path, size: str) -> dict[str, object]:
-    pipe = _tiny_pipeline(SIZES[size])
+def build(out_dir: Path, size: str = "tiny", pipeline: str = "plus") -> Path:
+    """Build the `pipeline` of `size` into `out_dir` (atomically) and return it; an existing build is kept."""
+    return build_model_folder(out_dir, lambda folder: _write(folder, size, pipeline))
+
+
+def _write(folder: Path, size: str, pipeline: str) -> dict[str, object]:
+    pipe = _tiny_pipeline(SIZES[size], pipeline)
     pipe.save_pretrained(folder)
     return {
         "builder": "editstack_editor.tiny",
@@ -51,14 +57,16 @@ def _write(folder: Path, size: str) -> dict[str, object]:
     }
 
 
-def _tiny_pipeline(dims: dict[str, Any]) -> QwenImageEditPipeline:
-    """Mirror the real Qwen-Image-Edit structure (configs of the released checkpoint) at tiny widths."""
+def _tiny_pipeline(dims: dict[str, Any], pipeline: str) -> DiffusionPipeline:
+    """Mirror the real Qwen-Image-Edit structure (configs of the released checkpoint) at tiny widths;
+    `pipeline` "plus" wraps the same components in QwenImageEditPlusPipeline, as Qwen-Image-Edit-2509 does."""
     # imported here, not at the top: only `pipeline` imports torch and the model libraries up front
     import torch
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
         QwenImageEditPipeline,
+        QwenImageEditPlusPipeline,
         QwenImageTransformer2DModel,
     )
     from transformers import (
@@ -122,13 +130,15 @@ def _tiny_pipeline(dims: dict[str, Any]) -> QwenImageEditPipeline:
         time_shift_type="exponential", use_beta_sigmas=False, use_dynamic_shifting=True,
         use_exponential_sigmas=False, use_karras_sigmas=False,
     )
-    pipe = QwenImageEditPipeline(
+    pipeline_class = QwenImageEditPlusPipeline if pipeline == "plus" else QwenImageEditPipeline
+    pipe = pipeline_class(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, processor=processor,
         transformer=transformer,
     )
     # The pipeline drops the first `prompt_template_encode_start_idx` hidden states: the template's
-    # system prefix must tokenize to exactly that many tokens, or the edit prompt gets cut.
-    prefix = pipe.prompt_template_encode.split("<|vision_start|>")[0]
+    # system prefix (before the user's images and prompt) must tokenize to exactly that many tokens,
+    # or the edit prompt gets cut.
+    prefix = pipe.prompt_template_encode.split("{}")[0].split("<|vision_start|>")[0]
     n_prefix = len(tokenizer(prefix).input_ids)
     if n_prefix != pipe.prompt_template_encode_start_idx:
         raise RuntimeError(
@@ -142,8 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m editstack_editor.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="folder to create (kept as is when already built)")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--pipeline", choices=PIPELINES, default="plus",
+                        help="plus: QwenImageEditPlusPipeline (several source images); edit: QwenImageEditPipeline")
     args = parser.parse_args(argv)
-    print(build(args.out_dir, args.size))
+    print(build(args.out_dir, args.size, args.pipeline))
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ MAX_STEPS = 1000
 
 @dataclass(frozen=True)
 class EditJob:
-    """One edit: source image, instruction and sampling parameters; the output is width x height."""
+    """One edit: source images, instruction and sampling parameters; the output is width x height."""
 
-    image: PIL.Image.Image  # already RGB
+    images: list[PIL.Image.Image]  # one or more, already RGB
     instruction: str
     seed: int
     steps: int
@@ -43,6 +43,11 @@ class Backend(Protocol):
 
     backend: str  # what serves the edits, e.g. "diffusers/QwenImageEditPipeline"
     size_multiple: int  # output sides must be multiples of this
+    max_images: int | None  # source images one edit may take (None: any number)
+
+    def default_size(self, width: int, height: int, max_px: int | None) -> tuple[int, int]:
+        """The output size for a source of width x height when none is asked for, within max_px."""
+        ...
 
     def edit(self, jobs: list[EditJob]) -> list[PIL.Image.Image | ItemFailure]: ...
 
@@ -53,10 +58,14 @@ class IdentityBackend:
 
     backend = "identity"
     size_multiple = 1
+    max_images = 1  # which of several sources is "unchanged" has no answer
+
+    def default_size(self, width: int, height: int, max_px: int | None) -> tuple[int, int]:
+        return width, height
 
     def edit(self, jobs: list[EditJob]) -> list[PIL.Image.Image | ItemFailure]:
-        return [job.image if job.image.size == (job.width, job.height)
-                else job.image.resize((job.width, job.height), PIL.Image.Resampling.LANCZOS) for job in jobs]
+        return [job.images[0] if job.images[0].size == (job.width, job.height)
+                else job.images[0].resize((job.width, job.height), PIL.Image.Resampling.LANCZOS) for job in jobs]
 
 
 class EditorWorker:
@@ -85,13 +94,15 @@ class EditorWorker:
                 if param_problem:
                     raise ItemFailure("bad_param", f"item {item.id!r} {param_problem}")
                 require_instruction(item.id, item.instruction, self.limits)
-                rgb = read_rgb(item.id, "image", item.image, blobs, self.limits, notes)
-                width, height = self._output_size(item, rgb)
+                self._check_image_count(item)
+                sources = [read_rgb(item.id, f"images[{k}]", ref, blobs, self.limits, notes)
+                           for k, ref in enumerate(item.images)]
+                width, height = self._output_size(item, sources[0])
             except ItemFailure as failure:
                 results[index] = EditResult(id=item.id, error=failure.error, notes=notes)
                 continue
-            jobs.append(EditJob(PIL.Image.fromarray(rgb), item.instruction, item.seed, steps, guidance, negative,
-                                width, height))
+            jobs.append(EditJob([PIL.Image.fromarray(rgb) for rgb in sources], item.instruction, item.seed, steps,
+                                guidance, negative, width, height))
             slots.append((index, notes))
 
         started = time.perf_counter()
@@ -108,11 +119,23 @@ class EditorWorker:
                 results[index] = EditResult(id=item_id, image=image, elapsed_s=per_item_s, notes=notes)
         return EditReply(items=[r for r in results if r is not None]), out
 
+    def _check_image_count(self, item: EditItem) -> None:
+        limit = self.backend.max_images
+        if not item.images:
+            raise ItemFailure("missing_image", f"item {item.id!r} field 'images': no source image was sent")
+        if limit is not None and len(item.images) > limit:
+            raise ItemFailure("unsupported", f"item {item.id!r} field 'images': {len(item.images)} source images; "
+                                             f"{self.backend.backend} takes at most {limit}")
+
     def _output_size(self, item: EditItem, rgb: np.ndarray) -> tuple[int, int]:
-        """The requested size, else the configured default, else the source's, floored to the step."""
+        """The requested size, else the configured default, else the model's own rule for the first
+        source's aspect ratio (within EDITOR_MAX_OUTPUT_PX); checked before the model runs."""
         step = self.backend.size_multiple
-        width = item.width or self.settings.width or rgb.shape[1] // step * step
-        height = item.height or self.settings.height or rgb.shape[0] // step * step
+        width, height = item.width or self.settings.width, item.height or self.settings.height
+        if bool(width) != bool(height):
+            raise ItemFailure("bad_param", f"item {item.id!r}: width {width} and height {height} must be set together")
+        if not width:
+            width, height = self.backend.default_size(rgb.shape[1], rgb.shape[0], self.settings.output_cap_px)
         for name, value in (("width", width), ("height", height)):
             if value < step or value % step:
                 raise ItemFailure("bad_param", f"item {item.id!r} field {name!r}: {value} is not a positive "

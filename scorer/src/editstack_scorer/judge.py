@@ -47,9 +47,10 @@ _Prompt = tuple[str, list[Image.Image]]
 
 @dataclass(frozen=True)
 class ScoreJob:
-    """One edit to judge: the source and edited images (RGB) and the instruction that was applied."""
+    """One edit to judge: the source images (one or more), the edited image (RGB) and the instruction
+    that was applied."""
 
-    source: Image.Image
+    sources: list[Image.Image]
     edited: Image.Image
     instruction: str
 
@@ -271,7 +272,8 @@ class Judge:
         self, rubric: Rubric, images: Sequence[str], job: ScoreJob, text: str, answer_start: str = ""
     ) -> _Prompt:
         """The chat-formatted prompt showing `images` of `job` and asking `text`; `answer_start` begins the reply."""
-        shown = [job.source if name == "source" else job.edited for name in images]
+        # a multi-image edit shows all its sources, in the benchmark's order, where the rubric shows "source"
+        shown = [image for name in images for image in (job.sources if name == "source" else [job.edited])]
         messages = [
             {"role": "system", "content": rubric.system},
             {"role": "user", "content": [{"type": "image"} for _ in shown] + [{"type": "text", "text": text}]},
@@ -322,8 +324,10 @@ class Judge:
 
 def _job_problem(job: ScoreJob) -> str | None:
     """Why a job cannot be scored as given, or None; inputs are checked, never silently converted."""
-    for field in ("source", "edited"):
-        image = getattr(job, field)
+    if not job.sources:
+        return "no source image"
+    named = [*((f"sources[{k}]", image) for k, image in enumerate(job.sources)), ("edited", job.edited)]
+    for field, image in named:
         if not isinstance(image, Image.Image):
             return f"{field} is a {type(image).__name__}, expected a PIL image"
         if image.mode != "RGB":

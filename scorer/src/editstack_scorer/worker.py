@@ -60,12 +60,16 @@ class ScorerWorker:
                 if request_problem:
                     raise ItemFailure("bad_param", f"item {item.id!r} {request_problem}")
                 require_instruction(item.id, item.instruction, self.limits)
-                source = read_rgb(item.id, "source", item.source, blobs, self.limits, notes)
+                if not item.sources:
+                    raise ItemFailure("missing_image", f"item {item.id!r} field 'sources': no source image was sent")
+                sources = [read_rgb(item.id, f"sources[{k}]", ref, blobs, self.limits, notes)
+                           for k, ref in enumerate(item.sources)]
                 edited = read_rgb(item.id, "edited", item.edited, blobs, self.limits, notes)
             except ItemFailure as failure:
                 results[index] = ScoreResult(id=item.id, error=failure.error, notes=notes)
                 continue
-            jobs.append(self.job_type(PIL.Image.fromarray(source), PIL.Image.fromarray(edited), item.instruction))
+            jobs.append(self.job_type([PIL.Image.fromarray(s) for s in sources], PIL.Image.fromarray(edited),
+                                      item.instruction))
             slots.append((index, notes))
 
         size = self.settings.batch_size

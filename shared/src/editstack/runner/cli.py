@@ -64,7 +64,7 @@ def _ping(args: argparse.Namespace) -> int:
 def _edit(args: argparse.Namespace) -> int:
     image, note = read_image_file(args.image)
     blobs = Blobs()
-    item = EditItem(id=Path(args.image).stem, instruction=args.instruction, image=blobs.add(image), seed=args.seed,
+    item = EditItem(id=Path(args.image).stem, instruction=args.instruction, images=[blobs.add(image)], seed=args.seed,
                     width=args.width, height=args.height)
     request = EditRequest([item], EditParams(steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt))
     with _client(args.endpoint, args.timeout, retries=1) as client:
@@ -85,7 +85,7 @@ def _edit(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     blobs = Blobs()
     source, edited = read_image_file(args.source)[0], read_image_file(args.edited)[0]
-    item = ScoreItem(id=Path(args.edited).stem, instruction=args.instruction, source=blobs.add(source),
+    item = ScoreItem(id=Path(args.edited).stem, instruction=args.instruction, sources=[blobs.add(source)],
                      edited=blobs.add(edited))
     with _client(args.endpoint, args.timeout, retries=1) as client:
         reply = client.score(ScoreRequest([item], mode=args.mode, rubric=args.rubric), blobs)

@@ -101,7 +101,7 @@ class Pending:
 
     item: Item
     edit: EditOutcome
-    source: np.ndarray | None = field(repr=False)  # None: read from item.source when scored
+    sources: list[np.ndarray] | None = field(repr=False)  # None: read from item.sources when scored
     edited: np.ndarray | Path = field(repr=False)  # a Path: an existing edit, sent as its file bytes
     notes: list[str] = field(default_factory=list)
     editor: Identity | None = None  # None: an existing edit, made by whatever made it
@@ -289,14 +289,14 @@ class Pipeline:
         for item in batch:
             seed = item_seed(cfg.seed, item.id)
             try:
-                array, note = _load_source(item)
+                arrays, item_notes = _load_sources(item)
             except ImageError as exc:
                 self._record(item, "failed", EditOutcome(status="failed", seed=seed),
                              error=_failure("edit", ItemError("bad_image", str(exc))))
                 continue
-            notes[item.id], sources[item.id] = ([note] if note else []), array
-            items.append(EditItem(id=item.id, instruction=item.instruction, image=blobs.add(array), seed=seed,
-                                  width=cfg.width, height=cfg.height))
+            notes[item.id], sources[item.id] = item_notes, arrays
+            items.append(EditItem(id=item.id, instruction=item.instruction, images=[blobs.add(a) for a in arrays],
+                                  seed=seed, width=cfg.width, height=cfg.height))
             sent.append(item)
         if not sent:
             return []
@@ -346,15 +346,15 @@ class Pipeline:
         blobs, items, sent = Blobs(), [], []
         for p in batch:
             try:
-                if p.source is None:
-                    p.source, note = _load_source(p.item)
-                    p.notes += [note] if note else []
+                if p.sources is None:
+                    p.sources, source_notes = _load_sources(p.item)
+                    p.notes += source_notes
                 edited = p.edited.read_bytes() if isinstance(p.edited, Path) else p.edited
             except (ImageError, OSError) as exc:
                 self._finish(p, "failed", error=_failure("score", ItemError("bad_image", str(exc))))
                 continue
-            items.append(ScoreItem(id=p.item.id, instruction=p.item.instruction, source=blobs.add(p.source),
-                                   edited=blobs.add(edited)))
+            items.append(ScoreItem(id=p.item.id, instruction=p.item.instruction,
+                                   sources=[blobs.add(a) for a in p.sources], edited=blobs.add(edited)))
             sent.append(p)
         if not sent:
             return
@@ -476,12 +476,18 @@ class _Progress:
         self._bar.close()
 
 
-def _load_source(item: Item) -> tuple[np.ndarray, str | None]:
-    try:
-        array, note = read_image_file(item.sources[0])
-    except ImageError as exc:
-        raise ImageError(f"item {item.id!r} field 'source': {exc}") from exc
-    return array, f"source: {note}" if note else None
+def _load_sources(item: Item) -> tuple[list[np.ndarray], list[str]]:
+    """The item's source images, and a note for each conversion made; ImageError names the field."""
+    arrays, notes = [], []
+    for index, path in enumerate(item.sources):
+        field_name = f"sources[{index}]" if len(item.sources) > 1 else "source"
+        try:
+            array, note = read_image_file(path)
+        except ImageError as exc:
+            raise ImageError(f"item {item.id!r} field {field_name!r}: {exc}") from exc
+        arrays.append(array)
+        notes += [f"{field_name}: {note}"] if note else []
+    return arrays, notes
 
 
 def _failure(stage: Stage, error: ItemError) -> Failure:

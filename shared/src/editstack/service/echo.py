@@ -23,7 +23,7 @@ from editstack.wire.transport import Server
 
 
 class EchoWorker:
-    """Returns every source image as it came (same encoding, same bytes)."""
+    """Returns every item's first source image as it came (same encoding, same bytes)."""
 
     def __init__(self, limits: Limits, delay_s: float = 0.0, delay_count: int = 0) -> None:
         self.limits = limits
@@ -40,12 +40,16 @@ class EchoWorker:
         out = Blobs()
         results = []
         for item in request.items:
+            first = item.images[0] if item.images else None
             try:
-                image = read_image(item.image, blobs, self.limits)
+                if first is None:
+                    raise ImageError("no image was sent")
+                image = read_image(first, blobs, self.limits)
             except ImageError as exc:
-                results.append(EditResult(id=item.id, error=ItemError("bad_image", f"item {item.id!r} field 'image': {exc}")))
+                error = ItemError("bad_image", f"item {item.id!r} field 'images[0]': {exc}")
+                results.append(EditResult(id=item.id, error=error))
                 continue
-            ref = out.add(blobs[item.image.frame] if item.image.encoding == "png" else image)
+            ref = out.add(blobs[first.frame] if first.encoding == "png" else image)
             results.append(EditResult(id=item.id, image=ref))
         return EditReply(items=results), out
 

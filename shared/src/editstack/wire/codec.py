@@ -297,10 +297,11 @@ def _check_refs(message: Any, blobs: list[memoryview]) -> None:
 
 def _image_refs(message: Any) -> Iterator[ImageRef]:
     if isinstance(message, EditRequest):
-        yield from (item.image for item in message.items)
+        for item in message.items:
+            yield from item.images
     elif isinstance(message, ScoreRequest):
         for item in message.items:
-            yield item.source
+            yield from item.sources
             if item.edited is not None:
                 yield item.edited
     elif isinstance(message, EditReply):

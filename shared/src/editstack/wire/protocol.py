@@ -46,7 +46,8 @@ Error codes (`ErrorCode`), one list for both services and the runner:
     io_error           runner                 an output could not be written (disk full, permissions)
 
 Compatibility: adding a field with a default is additive; anything else bumps PROTOCOL_VERSION.
-Version 2: one Verdict type inside ScoreResult, typed Status (no free `details` dict), ErrorCode.
+Version 2: one Verdict type inside ScoreResult, typed Status (no free `details` dict), ErrorCode,
+several source images per item (EditItem.images, ScoreItem.sources).
 """
 
 from __future__ import annotations
@@ -93,11 +94,12 @@ class Ping(msgspec.Struct, tag="ping", tag_field="op", frozen=True):
 
 
 class EditItem(msgspec.Struct, frozen=True):
-    """One edit: the source image, the instruction, its seed and optional output size."""
+    """One edit: its source images (one, or several for a multi-image edit, in the benchmark's
+    order), the instruction, its seed and optional output size."""
 
     id: str
     instruction: str
-    image: ImageRef
+    images: list[ImageRef]
     seed: int = 0
     width: int | None = None
     height: int | None = None
@@ -118,11 +120,11 @@ class EditRequest(msgspec.Struct, tag="edit", tag_field="op", frozen=True):
 
 
 class ScoreItem(msgspec.Struct, frozen=True):
-    """One judgement: source and edited images and the instruction the edit followed."""
+    """One judgement: the source images, the edited image and the instruction the edit followed."""
 
     id: str
     instruction: str
-    source: ImageRef
+    sources: list[ImageRef]
     edited: ImageRef | None = None
 
 
