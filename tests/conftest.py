@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -113,5 +113,29 @@ def start_echo(start_service) -> Iterator:
     def start(*extra: str, name: str = "echo", wait: bool = True) -> ServiceProcess:
         return start_service(name, [sys.executable, "-m", "editstack.service.echo", "{endpoint}", *extra], wait=wait,
                              timeout_s=30)
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def tiny_editor_dir(tmp_path_factory) -> Path:
+    """The embedded tiny model, built once per session by the editor package's own command."""
+    return build_tiny_model("editor", tmp_path_factory.mktemp("editor-model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_judge_dir(tmp_path_factory) -> Path:
+    """The embedded tiny judge, built once per session by the scorer package's own command."""
+    return build_tiny_model("scorer", tmp_path_factory.mktemp("scorer-model") / "tiny")
+
+
+@pytest.fixture
+def start_editor(start_service, tiny_editor_dir) -> Callable[..., ServiceProcess]:
+    """start_editor(wait=True, **EDITOR_settings) -> the real editor on the tiny model (conditioning capped)."""
+
+    def start(wait: bool = True, **env: str) -> ServiceProcess:
+        settings = {"EDITOR_TINY_DIR": str(tiny_editor_dir), "EDITOR_CONDITION_MAX_PX": str(64 * 64),
+                    **{f"EDITOR_{k.upper()}": v for k, v in env.items()}}
+        return start_service("editor", [service_python("editor"), "-m", "editstack_editor"], env=settings, wait=wait)
 
     return start

@@ -5,36 +5,17 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
-import pytest
 
 from editstack.wire.codec import Blobs, Limits, encode_png, read_image
 from editstack.errors import EditstackError
 from editstack.wire.protocol import EditItem, EditParams, EditRequest, ImageRef
 from editstack.wire.transport import Client
 
-from conftest import build_tiny_model, service_python
 
 RNG = np.random.default_rng(7)
 SOURCE = RNG.integers(0, 256, (64, 96, 3), dtype=np.uint8)
-
-
-@pytest.fixture(scope="session")
-def tiny_editor_dir(tmp_path_factory) -> Path:
-    """The embedded tiny model, built once per session by the editor package's own command."""
-    return build_tiny_model("editor", tmp_path_factory.mktemp("editor-model") / "tiny")
-
-
-@pytest.fixture
-def start_editor(start_service, tiny_editor_dir):
-    def start(wait: bool = True, **env: str):
-        settings = {"EDITOR_TINY_DIR": str(tiny_editor_dir), "EDITOR_CONDITION_MAX_PX": str(64 * 64),
-                    **{f"EDITOR_{k.upper()}": v for k, v in env.items()}}
-        return start_service("editor", [service_python("editor"), "-m", "editstack_editor"], env=settings, wait=wait)
-
-    return start
 
 
 def _edit(client: Client, images: list, seeds: list[int], size: tuple[int, int] | None = (64, 64),

@@ -50,8 +50,6 @@ from editstack.wire.protocol import (
 from editstack.wire.transport import Client
 
 from conftest import service_python
-from test_editor import tiny_editor_dir  # noqa: F401  (fixture: the editor's tiny model, built once)
-from test_scorer import tiny_judge_dir  # noqa: F401  (fixture: the scorer's tiny judge, built once)
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 SEED = 20261126

@@ -3,7 +3,6 @@ tiny Qwen3-VL judge."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,18 +11,12 @@ from editstack.wire.codec import Blobs
 from editstack.wire.protocol import ScoreItem, ScoreRequest
 from editstack.wire.transport import Client
 
-from conftest import build_tiny_model, service_python
+from conftest import service_python
 
 RNG = np.random.default_rng(11)
 SOURCE = RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)
 EDITED = [RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(4)]
 INSTRUCTIONS = ["make the sky blue", "add a red hat", "remove the dog", "把天空变成蓝色"]
-
-
-@pytest.fixture(scope="session")
-def tiny_judge_dir(tmp_path_factory) -> Path:
-    """The embedded tiny judge, built once per session by the scorer package's own command."""
-    return build_tiny_model("scorer", tmp_path_factory.mktemp("scorer-model") / "tiny")
 
 
 @pytest.fixture

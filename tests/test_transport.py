@@ -34,7 +34,6 @@ from editstack.wire.protocol import (
 
 from conftest import ServiceProcess
 from fakes import echo_status, in_process_service
-from test_editor import start_editor, tiny_editor_dir  # noqa: F401  (fixtures: the real editor on its tiny model)
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
 

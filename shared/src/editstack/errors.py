@@ -83,11 +83,13 @@ class RunFolderError(EditstackError):
 
 
 class ServiceUnavailable(EditstackError):
-    """No reply from `endpoint` after `attempts` tries within `elapsed_s` seconds."""
+    """No reply from `endpoint` after `attempts` tries within `elapsed_s` seconds (the call's wall-time
+    budget, when it had one and it was spent first)."""
 
-    def __init__(self, endpoint: str, attempts: int, elapsed_s: float) -> None:
+    def __init__(self, endpoint: str, attempts: int, elapsed_s: float, budget_s: float | None = None) -> None:
+        spent = f": the call's budget of {budget_s:.1f}s is spent" if budget_s is not None else ""
         super().__init__(
-            f"service unavailable: no reply from {endpoint} after {attempts} attempt(s) in {elapsed_s:.1f}s"
+            f"service unavailable: no reply from {endpoint} after {attempts} attempt(s) in {elapsed_s:.1f}s{spent}"
         )
         self.endpoint = endpoint
         self.attempts = attempts

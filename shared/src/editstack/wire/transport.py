@@ -347,10 +347,7 @@ class Client:
             log.log(self._miss_level, "no reply from %s (attempt %d of %d)", self.endpoint, attempt, self.retries + 1)
         else:
             raise ServiceUnavailable(self.endpoint, self.retries + 1, time.monotonic() - start)
-        error = ServiceUnavailable(self.endpoint, attempt - 1, time.monotonic() - start)
-        # ServiceUnavailable (errors.py) has no budget of its own to report: the message says it
-        error.args = (f"{error}: the call's budget of {budget_s:.1f}s is spent",)
-        raise error
+        raise ServiceUnavailable(self.endpoint, attempt - 1, time.monotonic() - start, budget_s)
 
     def _await_reply(self, socket: zmq.Socket, monitor: zmq.Socket, wait_s: float) -> list[zmq.Frame] | None:
         """The reply's frames, or None after wait_s or when the connection drops."""
