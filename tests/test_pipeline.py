@@ -202,3 +202,22 @@ def test_a_full_disk_stops_the_run_with_one_line_and_leaves_no_temporary_file(tm
         run(config)
     assert "\n" not in str(stopped.value)
     assert not list((small_disk / "run").rglob(".*.tmp")), "no temporary file is left behind"
+
+
+def test_resuming_with_another_judge_is_refused_naming_what_changed(tmp_path, sockets) -> None:
+    dataset = _dataset(tmp_path / "data", {"a": "make it blue", "b": f"please {FAIL_MARK}"})
+    with fake_services(sockets) as services:
+        assert run(_config(tmp_path, services, dataset)) == 1
+    journal = (tmp_path / "run" / RESULTS_NAME).read_bytes()
+
+    def other_judge(server):
+        return msgspec.structs.replace(fake_scorer_status(server), model="other-judge", revision="r2")
+
+    with fake_services(sockets, scorer_status=other_judge) as services:
+        with pytest.raises(RunFolderError, match=r"another judge \(item 'a': model 'fake-judge' -> 'other-judge'; "
+                                                 r"revision '' -> 'r2'\).*--only score --edits"):
+            run(_config(tmp_path, services, dataset))
+    with fake_services(sockets) as services:  # the same judge asked for another rubric is another judge too
+        with pytest.raises(RunFolderError, match="rubric_id 'fake' -> 'viescore'"):
+            run(_config(tmp_path, services, dataset, **{"scorer.rubric": "viescore"}))
+    assert (tmp_path / "run" / RESULTS_NAME).read_bytes() == journal, "nothing was mixed in or dropped"

@@ -25,7 +25,7 @@ import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -149,6 +149,7 @@ def run(config: RunConfig) -> int:
         selected = {item.id for item in items}
         # complete records stay, and so do records of items outside this selection (an earlier, wider run)
         kept = {i: r for i, r in earlier.items() if r.status in finished or i not in selected}
+        _check_provenance(run_dir, kept.values(), editors, scorer, config)
         journal.rewrite(kept.values())  # failed records go: their items are retried below
         todo = [item for item in items if item.id not in kept]
         log.info("run %s: %d items selected, %d already complete, %d to do", run_dir, len(items),
@@ -506,6 +507,52 @@ def _judge(scorer: Status, verdict: Verdict | None) -> JudgeIdentity:
         rubric = ("", "", "")
     identity = msgspec.structs.asdict(scorer.identity())
     return JudgeIdentity(**identity, rubric_id=rubric[0], rubric_version=rubric[1], mode=rubric[2])
+
+
+_EDITOR_FIELDS = ("model", "revision", "dtype", "backend")
+_JUDGE_FIELDS = (*_EDITOR_FIELDS, "rubric_id", "rubric_version", "mode")
+
+
+def _check_provenance(run_dir: Path, kept: Iterable[ItemRecord], editors: dict[str, Status], scorer: Status | None,
+                      config: RunConfig) -> None:
+    """Refuse to resume a folder whose complete records another editor or judge produced: a run's
+    numbers come from one editor and one judge, never a mix. RunFolderError names what changed."""
+    editor_now = {tuple(getattr(s.identity(), f) for f in _EDITOR_FIELDS) for s in editors.values()}
+    judge_now = _judge_now(scorer, config)
+    for record in kept:
+        if record.editor is not None and editor_now:
+            before = tuple(getattr(record.editor, f) for f in _EDITOR_FIELDS)
+            if before not in editor_now:
+                now = next(iter(editor_now))
+                raise RunFolderError(_provenance_message(run_dir, record, "editor", _EDITOR_FIELDS, before, now))
+        if record.judge is not None and record.status == "scored" and judge_now is not None:
+            before = tuple(getattr(record.judge, f) for f in _JUDGE_FIELDS)
+            changed = [n for n, b, a in zip(_JUDGE_FIELDS, before, judge_now, strict=True) if a is not None and a != b]
+            if changed:
+                raise RunFolderError(_provenance_message(run_dir, record, "judge", _JUDGE_FIELDS, before, judge_now))
+
+
+def _judge_now(scorer: Status | None, config: RunConfig) -> tuple[str | None, ...] | None:
+    """The judge this run would score with; None for a field the scorer decides only per request
+    (the version of a rubric other than its default)."""
+    if scorer is None:
+        return None
+    defaults = scorer.score_defaults
+    identity = scorer.identity()
+    rubric_id = config.scorer.rubric or (defaults.rubric_id if defaults else None)
+    version = defaults.rubric_version if defaults and rubric_id == defaults.rubric_id else None
+    mode = config.scorer.mode or (defaults.mode if defaults else None)
+    return (identity.model, identity.revision, identity.dtype, identity.backend, rubric_id, version, mode)
+
+
+def _provenance_message(run_dir: Path, record: ItemRecord, role: str, fields: Sequence[str],
+                        before: Sequence[object], now: Sequence[object | None]) -> str:
+    changed = "; ".join(f"{name} {b!r} -> {a!r}" for name, b, a in zip(fields, before, now, strict=True)
+                        if a is not None and a != b)
+    advice = (f"re-score the edits into a folder of their own (--only score --edits {run_dir} --run-dir "
+              f"{run_dir}-rescored)" if role == "judge" else "give the new editor a run folder of its own")
+    return (f"{run_dir} holds results of another {role} (item {record.id!r}: {changed}); resuming would mix "
+            f"two {role}s' results: {advice}")
 
 
 def _check_count(results: Sequence[object], sent: Sequence[object], endpoint: str) -> None:
