@@ -57,9 +57,13 @@ def _config(tmp_path: Path, services: dict[str, str], dataset: Path, **overrides
                               "editor.deadline_s": 5, "scorer.deadline_s": 5, **overrides})
 
 
-def test_every_record_carries_the_schema_version_and_both_identities(tmp_path, services) -> None:
+def test_every_record_carries_the_schema_version_and_both_identities(tmp_path, services, capsys) -> None:
     dataset = _dataset(tmp_path / "data", {f"item-{n}": "make it blue" for n in range(7)})
     assert run(_config(tmp_path, services, dataset)) == 0
+    # the run ends with its table on the terminal: counts apart, the overall mean with its interval
+    table = capsys.readouterr().out
+    assert "overall [95% CI]" in table and f"report: {tmp_path / 'run' / 'report.md'}" in table
+    assert [line.split()[:4] for line in table.splitlines() if line.startswith("ALL")] == [["ALL", "7", "7", "0"]]
     contents = Journal(tmp_path / "run" / RESULTS_NAME).load()
     assert not contents.problems and len(contents.records) == 7
     for record in contents.records.values():

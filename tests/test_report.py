@@ -126,10 +126,15 @@ def test_summary_counts_failures_and_averages_scored_items_only(tmp_path: Path) 
     write_reports(run)
     rows = _summary(run)
     assert list(rows) == ["color", "style", "zoom", "ALL"]
+    # two items: a resample is both, either one or the other, so the 95 % interval spans the two values
     assert rows["color"] == {"category": "color", "items": 3, "scored": 2, "failed": 1, "sc_mean": 6.0, "pq_mean": 8.0,
-                             "overall_mean": pytest.approx((math.sqrt(24) + math.sqrt(80)) / 2)}
+                             "overall_mean": pytest.approx((math.sqrt(24) + math.sqrt(80)) / 2),
+                             "sc_ci_low": 4.0, "sc_ci_high": 8.0, "pq_ci_low": 6.0, "pq_ci_high": 10.0,
+                             "overall_ci_low": pytest.approx(math.sqrt(24)), "overall_ci_high": pytest.approx(math.sqrt(80))}
     assert rows["style"] == {"category": "style", "items": 1, "scored": 0, "failed": 1,
-                             "sc_mean": None, "pq_mean": None, "overall_mean": None}
+                             "sc_mean": None, "pq_mean": None, "overall_mean": None,
+                             "sc_ci_low": None, "sc_ci_high": None, "pq_ci_low": None, "pq_ci_high": None,
+                             "overall_ci_low": None, "overall_ci_high": None}
     # z2's later record (scored) replaces its earlier failure; the torn z3 line is not an item
     assert (rows["zoom"]["items"], rows["zoom"]["scored"], rows["zoom"]["failed"]) == (2, 2, 0)
     total = rows["ALL"]
@@ -137,15 +142,35 @@ def test_summary_counts_failures_and_averages_scored_items_only(tmp_path: Path) 
     assert total["sc_mean"] == pytest.approx((4 + 8 + 2 + 10) / 4)
     assert total["pq_mean"] == pytest.approx((6 + 10 + 4 + 10) / 4)
     assert total["overall_mean"] == pytest.approx((math.sqrt(24) + math.sqrt(80) + math.sqrt(8) + 10) / 4)
+    for name in ("sc", "pq", "overall"):
+        assert total[f"{name}_ci_low"] < total[f"{name}_mean"] < total[f"{name}_ci_high"], name
+
+
+def test_a_mean_over_one_item_has_the_mean_as_its_interval(tmp_path: Path) -> None:
+    one = _record("s2", "style", "scored", sc=5, pq=5, source=tmp_path / "x.png")
+    run = _fake_run(tmp_path, extra_lines=[_line(one)])
+    write_reports(run)
+    style = _summary(run)["style"]
+    assert (style["scored"], style["sc_mean"], style["sc_ci_low"], style["sc_ci_high"]) == (1, 5.0, 5.0, 5.0)
+
+
+def test_reports_state_how_the_intervals_were_made(tmp_path: Path) -> None:
+    paths = write_reports(_fake_run(tmp_path))
+    for path in (paths.markdown, paths.html):
+        assert "95% confidence, percentile bootstrap over items (2000 resamples, seed 0)" in path.read_text(), path.name
+    assert json.loads(paths.summary_meta.read_text())["interval"] == {
+        "method": "percentile bootstrap over items", "level": 0.95, "resamples": 2000, "seed": 0,
+        "one_item": "the interval is the mean"}
 
 
 def test_markdown_report_tables_models_and_failed_items(tmp_path: Path) -> None:
     run = _fake_run(tmp_path)
     text = write_reports(run).markdown.read_text()
     overall_color = (math.sqrt(24) + math.sqrt(80)) / 2
-    assert f"| color | 3 | 2 | 1 | 6.00 | 8.00 | {overall_color:.2f} |" in text
+    assert (f"| color | 3 | 2 | 1 | 6.00 [4.00, 8.00] | 8.00 [6.00, 10.00] "
+            f"| {overall_color:.2f} [{math.sqrt(24):.2f}, {math.sqrt(80):.2f}] |") in text
     assert "| style | 1 | 0 | 1 | – | – | – |" in text
-    assert "| **ALL** | 6 | 4 | 2 | 6.00 | 7.50 |" in text
+    assert "| **ALL** | 6 | 4 | 2 | 6.00 [" in text and "| 7.50 [" in text
     assert f"**Aggregation**: {AGGREGATION}" in text
     assert "Qwen/Qwen-Image-Edit@abc123 (diffusers/QwenImageEditPipeline, bfloat16) on cuda:0" in text
     assert "diffusers 0.35.1, transformers 4.57.1, torch 2.8.0" in text
@@ -227,11 +252,15 @@ def test_summary_files_read_with_pandas_as_they_are(tmp_path: Path) -> None:
     run = _fake_run(tmp_path)
     paths = write_reports(run)
     for frame in (pd.read_csv(paths.summary_csv), pd.read_json(paths.summary_json)):
-        assert list(frame.columns) == ["category", "items", "scored", "failed", "sc_mean", "pq_mean", "overall_mean"]
+        assert list(frame.columns) == ["category", "items", "scored", "failed", "sc_mean", "pq_mean", "overall_mean",
+                                       "sc_ci_low", "sc_ci_high", "pq_ci_low", "pq_ci_high",
+                                       "overall_ci_low", "overall_ci_high"]
         assert list(frame["category"]) == ["color", "style", "zoom", "ALL"]
         assert list(frame["failed"]) == [1, 1, 0, 2]
         assert frame["sc_mean"].iloc[0] == pytest.approx(6.0)
+        assert frame["sc_ci_low"].iloc[0] == pytest.approx(4.0) and frame["sc_ci_high"].iloc[0] == pytest.approx(8.0)
         assert pd.isna(frame["sc_mean"].iloc[1]), "no scored items: no mean"
+        assert pd.isna(frame["sc_ci_low"].iloc[1]) and pd.isna(frame["overall_ci_high"].iloc[1]), "nor an interval"
 
 
 def test_reports_are_written_atomically_and_rewritten_identically(tmp_path: Path) -> None:

@@ -6,12 +6,14 @@
     editstack run   [--config BENCH.yaml] [--categories C ...] [--limit N] [--run-dir DIR]
                     [--only edit|score] [--edits DIR] [--dataset SPEC] [--strict]
                     [--editor ENDPOINT ...] [--scorer ENDPOINT] [--connect-timeout S] [--set KEY=VALUE ...]
+    editstack compare RUN RUN [RUN ...] --out DIR [--allow-different-judges]
     editstack --version
 
 Exit status: 0 success (for ping: the service is ready); 1 the service is still loading, an item
 failed, or a run finished with failures; 2 usage or configuration error (also: the run folder is
 in use or not writable); 3 a service is unreachable, failed to load its model, or refused the
-request. Container healthchecks call `ping`.
+request; for compare: 0 the leaderboard was written, 2 a folder is not a run folder or the
+comparison was refused. Container healthchecks call `ping`.
 """
 
 from __future__ import annotations
@@ -123,6 +125,14 @@ def _run(args: argparse.Namespace) -> int:
         return run(config)
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from editstack.runner.compare import write_leaderboard  # the run folder schema needs yaml: import on use
+
+    for path in write_leaderboard(args.runs, args.out, allow_different_judges=args.allow_different_judges):
+        print(path)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="editstack", description="Benchmark image editors with a VLM judge.")
     parser.add_argument("--version", action="version", version=f"editstack {editstack.__version__}")
@@ -175,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override any config key, dotted, with a YAML value (e.g. scorer.mode=generate)")
     run.set_defaults(func=_run)
+
+    compare = commands.add_parser("compare", help="a leaderboard of run folders over the items they all scored")
+    compare.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="two or more run folders")
+    compare.add_argument("--out", required=True, type=Path, help="the folder for leaderboard.md, .html and .csv")
+    compare.add_argument("--allow-different-judges", action="store_true",
+                         help="compare runs judged differently (model, revision, rubric, mode, aggregation); flagged")
+    compare.set_defaults(func=_compare)
     return parser
 
 

@@ -49,7 +49,7 @@ from editstack.errors import (
 from editstack.runner.config import RunConfig, to_yaml
 from editstack.runner.datasets import Item, Problem, load_dataset, select, select_problems
 from editstack.runner.files import write_atomic
-from editstack.runner.report import write_reports
+from editstack.runner.report import summary_table, write_reports
 from editstack.runner.runfolder import (
     CONFIG_NAME,
     RESULTS_NAME,
@@ -175,8 +175,9 @@ def run(config: RunConfig) -> int:
         write_manifest(run_dir, manifest)
         paths = write_reports(run_dir)
     failed = [i.id for i in items if i.id not in final or final[i.id].status not in finished]
-    log.info("run %s finished: %s; %d failed, %d dataset problem(s); report: %s", run_dir,
-             msgspec.to_builtins(manifest.counts), len(failed), len(problems), paths.markdown)
+    log.info("run %s finished: %s; %d failed, %d dataset problem(s)", run_dir,
+             msgspec.to_builtins(manifest.counts), len(failed), len(problems))
+    print(f"{summary_table(paths.summary_json)}\n\nreport: {paths.markdown} (and {paths.html.name})", flush=True)
     return 0 if not failed and not problems else 1
 
 

@@ -4,19 +4,26 @@
 
 Files written into the run folder, each atomically (temp file + rename):
 
-    report.md           run times, dataset, results per category and overall, aggregation rule,
-                        models and versions, failed items, problems found in the journal
+    report.md           run times, dataset, results per category and overall (each mean with its
+                        interval), aggregation rule, models and versions, failed items, problems
+                        found in the journal
     report.html         the same summary, then a gallery per category (source | edit | instruction |
                         scores or error); self-contained: thumbnails are data: URIs, no external file
     summary.csv         one row per category, then an "ALL" row; columns = SUMMARY_COLUMNS
     summary.json        the same rows as a top-level JSON list of objects (`pandas.read_json` reads it)
     summary.meta.json   one object about the rows: run times, dataset, models and versions, rubric,
-                        aggregation, mode, journal problems (kept apart so summary.json stays a table)
+                        aggregation, mode, how the intervals were made, journal problems (kept apart
+                        so summary.json stays a table)
 
 Counting: an item is the last journal record of its id. Failed items are counted, never averaged
 in: sc_mean, pq_mean and overall_mean are means over scored items only (null/empty when there are
 none), and the "ALL" row averages all scored items, not the category means. Items edited but not
 scored (an edit-only run) count in `items` only.
+
+Every mean has a 95 % percentile-bootstrap interval over its scored items (`stats.bootstrap_ci`:
+2,000 resamples, seed 0 for every row, so a row's interval does not change when another category
+is added): `<name>_ci_low`/`<name>_ci_high` in the summaries, after the columns that were there
+before them. A mean over one item has the mean as its interval; no scored items: null.
 
 The journal is append-only, so a crash can tear its last line: an unparseable last line is ignored
 (with a warning). Any other unreadable line is an error: it is logged, listed in the reports, and
@@ -47,11 +54,15 @@ from PIL import Image
 from editstack.errors import RunFolderError
 from editstack.runner.files import write_atomic
 from editstack.runner.runfolder import RESULTS_NAME, ItemRecord, Journal, Manifest, read_manifest
+from editstack.runner.stats import LEVEL, METHOD, RESAMPLES, SEED, bootstrap_ci
 from editstack.wire.protocol import Status, Verdict
 
 log = logging.getLogger(__name__)
 
-SUMMARY_COLUMNS = ("category", "items", "scored", "failed", "sc_mean", "pq_mean", "overall_mean")
+_MEANS = ("sc", "pq", "overall")
+# The columns that were there first keep their places; the intervals follow them.
+SUMMARY_COLUMNS = ("category", "items", "scored", "failed", *(f"{name}_mean" for name in _MEANS),
+                   *(f"{name}_ci_{end}" for name in _MEANS for end in ("low", "high")))
 ALL_CATEGORIES = "ALL"
 THUMBNAIL_PX = 256
 TINY_BANNER = "Scores mean nothing: random-weight tiny models"
@@ -82,6 +93,19 @@ class _Row:
     sc_mean: float | None
     pq_mean: float | None
     overall_mean: float | None
+    sc_ci_low: float | None
+    sc_ci_high: float | None
+    pq_ci_low: float | None
+    pq_ci_high: float | None
+    overall_ci_low: float | None
+    overall_ci_high: float | None
+
+    def estimate(self, name: str) -> str:
+        """The mean `name` ("sc", "pq", "overall") and its interval as table text: 6.00 [4.00, 8.00]."""
+        mean = getattr(self, f"{name}_mean")
+        if mean is None:
+            return _DASH
+        return f"{mean:.2f} [{getattr(self, f'{name}_ci_low'):.2f}, {getattr(self, f'{name}_ci_high'):.2f}]"
 
 
 @dataclass(frozen=True)
@@ -110,6 +134,18 @@ def write_reports(run_dir: Path) -> ReportPaths:
     return paths
 
 
+def summary_table(summary_json: Path) -> str:
+    """The summary rows (as `write_reports` wrote them) as a plain-text table for a terminal: items,
+    scored and failed counted apart, the overall mean with its interval."""
+    rows = [_Row(**row) for row in json.loads(Path(summary_json).read_text(encoding="utf-8"))]
+    cells = [("category", "items", "scored", "failed", f"overall [{LEVEL:.0%} CI]"),
+             *((row.category, str(row.items), str(row.scored), str(row.failed), row.estimate("overall"))
+               for row in rows)]
+    widths = [max(len(cell[k]) for cell in cells) for k in range(5)]
+    return "\n".join("  ".join(text.ljust(w) if k == 0 else text.rjust(w) for k, (text, w) in enumerate(zip(cell, widths)))
+                     for cell in cells)
+
+
 def _read_run(folder: Path) -> _Run:
     manifest = read_manifest(folder)
     journal = Journal(folder / RESULTS_NAME).load()
@@ -127,12 +163,14 @@ def _rows(records: Sequence[ItemRecord]) -> list[_Row]:
 
 def _row(category: str, records: Sequence[ItemRecord]) -> _Row:
     scores = _scores(records)
-
-    def mean(name: str) -> float | None:
-        return statistics.fmean(getattr(s, name) for s in scores) if scores else None
-
-    return _Row(category, len(records), len(scores), sum(r.status == "failed" for r in records),
-                mean("sc"), mean("pq"), mean("overall"))
+    means: dict[str, float | None] = {}
+    intervals: dict[str, float | None] = {}
+    for name in _MEANS:
+        values = [getattr(s, name) for s in scores]
+        means[f"{name}_mean"] = statistics.fmean(values) if values else None
+        low, high = bootstrap_ci(values) if values else (None, None)
+        intervals |= {f"{name}_ci_low": low, f"{name}_ci_high": high}
+    return _Row(category, len(records), len(scores), sum(r.status == "failed" for r in records), **means, **intervals)
 
 
 def _scores(records: Iterable[ItemRecord]) -> list[Verdict]:
@@ -239,6 +277,7 @@ def _meta(run: _Run) -> dict[str, Any]:
         "aggregation": Counter(s.aggregation for s in scored),
         "mode": Counter(s.mode for s in scored),
         "rubric_in_records": Counter(f"{s.rubric_id} {s.rubric_version}" for s in scored),
+        "interval": _INTERVAL,
         "params": msgspec.to_builtins(m.params),
         "editors": msgspec.to_builtins(m.editors),
         "scorer": msgspec.to_builtins(m.scorer),
@@ -249,27 +288,27 @@ def _meta(run: _Run) -> dict[str, Any]:
 # ---- report.md ---------------------------------------------------------------------------------
 
 def _markdown(run: _Run, rows: Sequence[_Row]) -> str:
-    lines = [f"# editstack report: {_md(run.folder.name)}", ""]
+    lines = [f"# editstack report: {md_text(run.folder.name)}", ""]
     if banner := _banner(run.manifest):
-        lines += [f"> **⚠ {_md(banner)}**", ""]
-    lines += [f"- **{label}**: {_md(text)}" for label, text in _facts(run)]
-    lines += ["", "## Results", "", "| category | items | scored | failed | mean SC | mean PQ | mean overall |",
-              "|---|--:|--:|--:|--:|--:|--:|"]
+        lines += [f"> **⚠ {md_text(banner)}**", ""]
+    lines += [f"- **{label}**: {md_text(text)}" for label, text in _facts(run)]
+    lines += ["", "## Results", "", "| category | items | scored | failed | mean SC [95 % CI] | mean PQ [95 % CI] "
+              "| mean overall [95 % CI] |", "|---|--:|--:|--:|--:|--:|--:|"]
     for row in rows:
-        name = f"**{ALL_CATEGORIES}**" if row is rows[-1] else _md(row.category)
-        lines.append(f"| {name} | {row.items} | {row.scored} | {row.failed} | {_number(row.sc_mean)} "
-                     f"| {_number(row.pq_mean)} | {_number(row.overall_mean)} |")
-    lines += ["", _counting_note(rows[-1])]
+        name = f"**{ALL_CATEGORIES}**" if row is rows[-1] else md_text(row.category)
+        lines.append(f"| {name} | {row.items} | {row.scored} | {row.failed} | "
+                     + " | ".join(row.estimate(n) for n in _MEANS) + " |")
+    lines += ["", _counting_note(rows[-1]), "", _interval_note()]
     if failures := [(r, r.error) for r in run.records if r.status == "failed" and r.error is not None]:
         lines += ["", f"## Failed items ({len(failures)})", "", "| item | category | stage | code | message |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {_md(r.id)} | {_md(r.category)} | {_md(e.stage)} | {_md(e.code)} | {_md(_short(e.message))} |"
+        lines += [f"| {md_text(r.id)} | {md_text(r.category)} | {md_text(e.stage)} | {md_text(e.code)} | {md_text(_short(e.message))} |"
                   for r, e in failures]
     if problems := _problems(run):
-        lines += ["", f"## Problems ({len(problems)})", ""] + [f"- {_md(p)}" for p in problems]
+        lines += ["", f"## Problems ({len(problems)})", ""] + [f"- {md_text(p)}" for p in problems]
     if unselected := run.manifest.dataset.unselected_problems:
         lines += ["", f"<details><summary>{len(unselected)} dataset problem(s) in items outside this run's "
-                  "selection</summary>", "", *(f"- {_md(p)}" for p in unselected), "", "</details>"]
+                  "selection</summary>", "", *(f"- {md_text(p)}" for p in unselected), "", "</details>"]
     return "\n".join(lines) + "\n"
 
 
@@ -280,12 +319,21 @@ def _counting_note(total: _Row) -> str:
     return note + (f" {edited} item(s) were edited but not scored." if edited else "")
 
 
+_INTERVAL = {"method": METHOD, "level": LEVEL, "resamples": RESAMPLES, "seed": SEED,
+             "one_item": "the interval is the mean"}
+
+
+def _interval_note() -> str:
+    return (f"Intervals: {LEVEL:.0%} confidence, {METHOD} ({RESAMPLES} resamples, seed {SEED}). A mean over "
+            "one item has the mean as its interval: one item shows no spread, which is not certainty.")
+
+
 def _problems(run: _Run) -> list[str]:
     """Journal lines that could not be read, then the items the dataset loader skipped."""
     return [*run.problems, *(f"dataset: {p}" for p in run.manifest.dataset.problems)]
 
 
-def _md(text: str) -> str:
+def md_text(text: str) -> str:
     """Text safe inside a Markdown table cell or list item: one line, pipes escaped, and no raw HTML
     (Markdown renderers pass tags through: an item id like <img onerror=...> would run)."""
     return html.escape(" ".join(text.split()), quote=False).replace("|", "\\|")
@@ -319,13 +367,12 @@ def _html(run: _Run, rows: Sequence[_Row]) -> str:
     parts.append('<ul class="facts">' + "".join(f"<li><b>{esc(label)}</b>: {esc(text)}</li>"
                                                 for label, text in _facts(run)) + "</ul>")
     parts.append("<table><tr><th>category</th><th>items</th><th>scored</th><th>failed</th>"
-                 "<th>mean SC</th><th>mean PQ</th><th>mean overall</th></tr>")
+                 "<th>mean SC [95 % CI]</th><th>mean PQ [95 % CI]</th><th>mean overall [95 % CI]</th></tr>")
     for row in rows:
         parts.append(f'<tr{" class=all" if row is rows[-1] else ""}><td>{esc(row.category)}</td>'
                      + "".join(f'<td class="n">{value}</td>' for value in (
-                         row.items, row.scored, row.failed, _number(row.sc_mean), _number(row.pq_mean),
-                         _number(row.overall_mean))) + "</tr>")
-    parts.append(f"</table><p>{esc(_counting_note(rows[-1]))}</p>")
+                         row.items, row.scored, row.failed, *(row.estimate(n) for n in _MEANS))) + "</tr>")
+    parts.append(f"</table><p>{esc(_counting_note(rows[-1]))}</p><p>{esc(_interval_note())}</p>")
     if problems := _problems(run):
         parts.append(f"<h2>Problems ({len(problems)})</h2><ul>" + "".join(f"<li>{esc(p)}</li>" for p in problems) + "</ul>")
 
