@@ -27,6 +27,7 @@ from editstack.wire.protocol import (
     Verdict,
 )
 from editstack.wire.transport import Server, Worker
+from editstack_scorer.worker import combine_repeats
 
 FAKE_AGGREGATION = "fake: sc = crc32(id) mod 11, pq = 5, overall = sqrt(sc * pq)"
 FAIL_MARK = "fail the judge"  # an instruction holding this gets a model_error from the fake judge
@@ -36,8 +37,14 @@ def fake_sc(item_id: str) -> float:
     return float(zlib.crc32(item_id.encode()) % 11)
 
 
+def fake_pq(repeat: int, repeats: int) -> float:
+    """pq of repeat `repeat` (0 first) of `repeats`: 5 judged once, else spread evenly around 5."""
+    return 5.0 + repeat - (repeats - 1) / 2
+
+
 class FakeScorerWorker:
-    """A fake judge: sc from the item id, pq 5, a model_error for instructions holding FAIL_MARK.
+    """A fake judge: sc from the item id, pq 5, a model_error for instructions holding FAIL_MARK; asked
+    for K > 1 repeats, repeat r has pq `fake_pq(r, K)`, combined by the real scorer's rule.
     `delay_s` makes every request slow; `drop_last` breaks the protocol by leaving out a result."""
 
     def __init__(self, delay_s: float = 0.0, drop_last: bool = False) -> None:
@@ -55,9 +62,12 @@ class FakeScorerWorker:
             if FAIL_MARK in item.instruction:
                 results.append(ScoreResult(id=item.id, error=ItemError("model_error", f"item {item.id!r}: fake failure")))
                 continue
-            sc, pq = fake_sc(item.id), 5.0
-            verdict = Verdict(rubric_id="fake", rubric_version="1", mode="logits", sub_scores={"sc": sc, "pq": pq},
-                              sc=sc, pq=pq, overall=(sc * pq) ** 0.5, aggregation=FAKE_AGGREGATION)
+            sc = fake_sc(item.id)
+            verdicts = [Verdict(rubric_id="fake", rubric_version="1", mode=request.mode or "logits",
+                                sub_scores={"sc": sc, "pq": pq}, sc=sc, pq=pq, overall=(sc * pq) ** 0.5,
+                                aggregation=FAKE_AGGREGATION)
+                        for pq in (fake_pq(r, request.repeats) for r in range(request.repeats))]
+            verdict = verdicts[0] if len(verdicts) == 1 else combine_repeats(verdicts)
             results.append(ScoreResult(id=item.id, verdict=verdict, elapsed_s=0.001))
         return ScoreReply(items=results[:-1] if self.drop_last else results), None
 

@@ -23,7 +23,8 @@ from editstack.runner.config import load_config
 from editstack.runner.pipeline import run
 from editstack.runner.runfolder import RESULTS_NAME, SCHEMA_VERSION, Journal, RunFolderLock, read_manifest
 
-from fakes import FAIL_MARK, FAKE_AGGREGATION, FakeScorerWorker, fake_sc, fake_scorer_status, fake_services
+from fakes import (FAIL_MARK, FAKE_AGGREGATION, FakeScorerWorker, fake_pq, fake_sc, fake_scorer_status,
+                   fake_services)
 
 
 @pytest.fixture
@@ -225,3 +226,22 @@ def test_resuming_with_another_judge_is_refused_naming_what_changed(tmp_path, so
         with pytest.raises(RunFolderError, match="rubric_id 'fake' -> 'viescore'"):
             run(_config(tmp_path, services, dataset, **{"scorer.rubric": "viescore"}))
     assert (tmp_path / "run" / RESULTS_NAME).read_bytes() == journal, "nothing was mixed in or dropped"
+
+
+def test_judge_repeats_reach_the_scorer_and_the_report_shows_the_judges_spread(tmp_path, services) -> None:
+    dataset = _dataset(tmp_path / "data", {f"item-{n}": "make it blue" for n in range(4)})
+    assert run(_config(tmp_path, services, dataset, **{"scorer.mode": "generate", "scorer.judge_repeats": 3})) == 0
+    records = Journal(tmp_path / "run" / RESULTS_NAME).load().records
+    for record in records.values():
+        sc = fake_sc(record.id)
+        repeats = [(sc * fake_pq(r, 3)) ** 0.5 for r in range(3)]
+        assert record.score.repeat_overall == pytest.approx(repeats)
+        assert record.score.overall == pytest.approx(sum(repeats) / 3) and record.score.pq == pytest.approx(5.0)
+        assert [s["pq"] for s in record.score.repeat_sub_scores] == [4.0, 5.0, 6.0]
+        assert record.score.aggregation.endswith("the mean over 3 sampled repeats")
+    meta = json.loads((tmp_path / "run" / "summary.meta.json").read_text())
+    spread = {row["category"]: row for row in meta["judge_spread"]}
+    assert list(spread) == ["even", "odd", "ALL"] and spread["ALL"]["items"] == 4 and spread["ALL"]["repeats"] == [3]
+    assert 0 < spread["ALL"]["judge_share"] < 1
+    assert "## Judge spread" in (tmp_path / "run" / "report.md").read_text()
+    assert "<h2>Judge spread</h2>" in (tmp_path / "run" / "report.html").read_text()

@@ -306,3 +306,39 @@ def test_markdown_report_escapes_html_in_ids_and_categories(tmp_path: Path) -> N
     text = write_reports(run).markdown.read_text()
     assert "<img" not in text and "<script>" not in text and "<b>" not in text
     assert "&lt;img src=x onerror=alert(1)&gt;" in text and "&lt;b&gt;cat&lt;/b&gt;" in text
+
+
+def _repeated(item_id: str, category: str, overalls: list[float], source: Path) -> str:
+    """A journal line of an item judged len(overalls) times, each repeat's overall as given."""
+    record = _record(item_id, category, "scored", sc=5, pq=5, source=source)
+    score = msgspec.structs.replace(record.score, overall=sum(overalls) / len(overalls), repeat_overall=overalls,
+                                    repeat_sub_scores=[{"follows": 5.0, "natural": 5.0} for _ in overalls])
+    return _line(msgspec.structs.replace(record, score=score))
+
+
+def test_judge_spread_is_the_mean_per_item_sd_and_the_within_item_share_of_the_variance(tmp_path: Path) -> None:
+    source = tmp_path / "x.png"
+    run = _fake_run(tmp_path, extra_lines=[_repeated("r1", "color", [2, 4], source),
+                                           _repeated("r2", "color", [6, 8], source),
+                                           _repeated("r3", "zoom", [5, 5], source)])
+    paths = write_reports(run)
+    spread = {row["category"]: row for row in json.loads(paths.summary_meta.read_text())["judge_spread"]}
+    # color: SDs 1 and 1; within-item variance 1; all four repeats {2, 4, 6, 8} have variance 5
+    assert spread["color"] == {"category": "color", "items": 2, "repeats": [2], "mean_sd": 1.0,
+                               "judge_share": pytest.approx(0.2)}
+    # zoom: the judge agreed with itself, and nothing varies at all: no share to give
+    assert spread["zoom"] == {"category": "zoom", "items": 1, "repeats": [2], "mean_sd": 0.0, "judge_share": None}
+    # the items judged once (c1, c2, z1, ...) are not part of the spread; style has no item with repeats
+    assert (spread["style"]["items"], spread["style"]["mean_sd"], spread["style"]["judge_share"]) == (0, None, None)
+    # ALL: SDs 1, 1, 0; within 2/3; {2, 4, 6, 8, 5, 5} has variance 20/6
+    assert spread["ALL"]["mean_sd"] == pytest.approx(2 / 3) and spread["ALL"]["judge_share"] == pytest.approx(0.2)
+    markdown = paths.markdown.read_text()
+    assert "## Judge spread" in markdown and "| **ALL** | 3 | 2 | 0.67 | 20% |" in markdown
+    assert "| color | 2 | 2 | 1.00 | 20% |" in markdown and "| zoom | 1 | 2 | 0.00 | – |" in markdown
+    assert "<h2>Judge spread</h2>" in paths.html.read_text()
+
+
+def test_a_run_judged_once_per_item_has_no_judge_spread(tmp_path: Path) -> None:
+    paths = write_reports(_fake_run(tmp_path))
+    assert json.loads(paths.summary_meta.read_text())["judge_spread"] is None
+    assert "Judge spread" not in paths.markdown.read_text() and "Judge spread" not in paths.html.read_text()

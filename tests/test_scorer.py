@@ -3,13 +3,16 @@ tiny Qwen3-VL judge."""
 
 from __future__ import annotations
 
-
+import msgspec
 import numpy as np
 import pytest
 
+from editstack.errors import ItemFailure
 from editstack.wire.codec import Blobs
-from editstack.wire.protocol import ScoreItem, ScoreRequest
+from editstack.wire.protocol import ScoreItem, ScoreRequest, Verdict
 from editstack.wire.transport import Client
+from editstack_scorer.settings import ScorerSettings
+from editstack_scorer.worker import ScorerWorker, combine_repeats
 
 from conftest import service_python
 
@@ -76,6 +79,20 @@ def test_generate_mode_with_the_tiny_judge_fails_items_and_keeps_the_raw_reply(s
         assert result.verdict is None
 
 
+def test_repeats_are_refused_in_logits_mode_and_generate_repeats_never_yield_a_number(scorer) -> None:
+    pairs, instructions = [(SOURCE, EDITED[0]), (SOURCE, EDITED[1])], INSTRUCTIONS[:2]
+    for result in _score(scorer, pairs, instructions, mode="logits", repeats=3):
+        assert result.verdict is None and result.error.code == "bad_param"
+        assert "field 'repeats'" in result.error.message and "generate mode" in result.error.message
+    results = _score(scorer, pairs, instructions, mode="generate", repeats=2)
+    for result in results:
+        assert result.verdict is None and result.error.code == "unparseable_reply"
+        assert "repeat 1 of 2" in result.error.message and len(result.error.raw) == 3  # 1 + SCORER_GENERATE_RETRIES
+    # every attempt of a repeat samples with a seed of its own: alone, the second item gets the same replies
+    [alone] = _score(scorer, pairs[1:], instructions[1:], mode="generate", repeats=2)
+    assert alone.error.raw == results[1].error.raw
+
+
 def test_each_bad_input_gets_its_item_error_and_the_next_request_succeeds(scorer) -> None:
     bad_png = lambda blobs: blobs.add(b"\x89PNG\r\n\x1a\n garbage")  # noqa: E731
     huge = np.zeros((200, 200, 3), dtype=np.uint8)
@@ -109,3 +126,84 @@ def test_work_over_the_judges_bounds_is_refused_per_item_naming_the_limit(start_
     assert [r.error.code if r.error else None for r in results] == ["limit_exceeded", "limit_exceeded", None]
     assert "over the model's limit of 4096" in results[0].error.message
     assert "'instruction': 101 characters is over the limit of 100" in results[1].error.message
+
+
+# ---- repeated judgements, torch-free: the worker on a scripted judge --------------------------
+
+def _verdict(overall: float, sc: float = 4.0, pq: float = 6.0, raw: str = "r") -> Verdict:
+    return Verdict(rubric_id="viescore", rubric_version="1", mode="generate", sub_scores={"a": sc, "b": pq},
+                   sc=sc, pq=pq, overall=overall, aggregation="overall = sqrt(sc * pq)", raw={"sc": [raw]}, attempts=1)
+
+
+def test_combined_repeats_average_every_score_and_keep_each_repeat() -> None:
+    combined = combine_repeats([_verdict(2.0, sc=1, pq=3, raw="x"), _verdict(5.0, sc=4, pq=9, raw="y"),
+                                _verdict(8.0, sc=7, pq=6, raw="z")])
+    assert (combined.sc, combined.pq, combined.overall) == (4.0, 6.0, 5.0)  # overall: the mean, not sqrt(4 * 6)
+    assert combined.sub_scores == {"a": 4.0, "b": 6.0}
+    assert combined.repeat_overall == [2.0, 5.0, 8.0]
+    assert combined.repeat_sub_scores == [{"a": 1, "b": 3}, {"a": 4, "b": 9}, {"a": 7, "b": 6}]
+    assert combined.raw == {"sc": ["x", "y", "z"]} and combined.attempts == 3
+    assert combined.aggregation == "overall = sqrt(sc * pq); each score the mean over 3 sampled repeats"
+
+
+def test_combining_refuses_one_verdict_and_verdicts_of_another_rubric() -> None:
+    with pytest.raises(ValueError, match="at least 2"):
+        combine_repeats([_verdict(1.0)])
+    other = msgspec.structs.replace(_verdict(1.0), rubric_version="2")
+    with pytest.raises(ValueError, match="repeat 2 was judged under another rubric"):
+        combine_repeats([_verdict(1.0), other])
+
+
+class _ScriptedJudge:
+    """Replies per (instruction, repeat): a number is a verdict with that overall, None a failure."""
+
+    backend = "scripted"
+
+    def __init__(self, script: dict[str, list[float | None]]) -> None:
+        self.script = script
+        self.calls: list[tuple[list[str], int | None]] = []
+
+    def score(self, jobs, mode, rubric, repeat=None):
+        self.calls.append(([job[2] for job in jobs], repeat))
+        outs = []
+        for _, _, instruction in jobs:
+            value = self.script[instruction][repeat]
+            outs.append(_verdict(value, raw=f"{instruction} {repeat}") if value is not None else
+                        ItemFailure("unparseable_reply", "no JSON", raw=[f"{instruction} {repeat} bad"]))
+        return outs
+
+
+def _handle(judge: _ScriptedJudge, instructions: list[str], **request) -> list:
+    blobs = Blobs()
+    items = [ScoreItem(id=f"i{k}", instruction=text, sources=[blobs.add(SOURCE)], edited=blobs.add(EDITED[0]))
+             for k, text in enumerate(instructions)]
+    worker = ScorerWorker(judge, lambda *job: job, ScorerSettings(mode="generate"))
+    reply, _ = worker.handle(ScoreRequest(items, **request), [memoryview(f) for f in blobs.frames])
+    return reply.items
+
+
+def test_a_failed_repeat_fails_its_item_with_every_raw_reply_and_is_not_asked_again() -> None:
+    judge = _ScriptedJudge({"good": [2.0, 4.0, 9.0], "flaky": [3.0, None, 5.0]})
+    good, flaky = _handle(judge, ["good", "flaky"], repeats=3)
+    assert good.error is None and good.verdict.repeat_overall == [2.0, 4.0, 9.0] and good.verdict.overall == 5.0
+    assert flaky.verdict is None and flaky.error.code == "unparseable_reply"
+    assert "repeat 2 of 3: no JSON" in flaky.error.message and flaky.error.raw == ["flaky 0", "flaky 1 bad"]
+    assert judge.calls == [(["good", "flaky"], 0), (["good", "flaky"], 1), (["good"], 2)]
+
+
+@pytest.mark.parametrize(("request_fields", "expected"), [
+    ({"repeats": 0}, "field 'repeats': 0 is outside 1..16"),
+    ({"repeats": 17}, "field 'repeats': 17 is outside 1..16"),
+    ({"repeats": 2, "mode": "logits"}, "field 'repeats': 2 needs generate mode; logits mode is deterministic"),
+])
+def test_repeats_out_of_range_or_in_logits_mode_fail_each_item_with_bad_param(request_fields, expected) -> None:
+    judge = _ScriptedJudge({})
+    results = _handle(judge, ["x", "y"], **request_fields)
+    assert [(r.error.code, expected in r.error.message) for r in results] == [("bad_param", True)] * 2
+    assert not judge.calls
+
+
+def test_one_repeat_asks_the_judge_once_as_before() -> None:
+    judge = _ScriptedJudge({"x": {None: 7.0}})
+    [result] = _handle(judge, ["x"])
+    assert result.verdict.overall == 7.0 and result.verdict.repeat_overall == [] and judge.calls == [(["x"], None)]

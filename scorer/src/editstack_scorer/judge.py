@@ -6,7 +6,8 @@ The only scorer module that imports torch and transformers. Two modes:
   answers 0..10 under the model's next-token probabilities; it never fails to parse.
 - `generate`: each rubric group is asked once (as VIEScore does) for a JSON object holding its
   sub-scores; the reply is checked by `replies.parse_reply`, retried a bounded number of times, and
-  the raw texts are kept.
+  the raw texts are kept. Asked for repeat r of K (`ScoreRequest.repeats`), every attempt samples,
+  seeded from (r, attempt) alone; the worker averages the K verdicts.
 
 One outcome per job, in order: a `Verdict` or an `ItemFailure` with its code (see `rubric`); one bad
 job never fails the others and a failure never becomes a number.
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 _DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Retries sample instead of repeating the greedy reply; attempt k uses seed k, so a rerun reproduces it.
 _RETRY_TEMPERATURE = 0.7
+# Repeat r's attempt k samples with seed (r + 1) * stride + k: apart from the retry seeds of a single
+# judgement, the same for every item wherever it sits in a request, and independent of the retry count.
+_REPEAT_SEED_STRIDE = 1000
 
 _Out = TypeVar("_Out")
 # A prompt ready for the processor: the chat-formatted text and the images it shows, in order.
@@ -105,14 +109,19 @@ class Judge:
             " (embedded tiny model: scores mean nothing)" if self.embedded_tiny else "",
         )
 
-    def score(self, jobs: list[ScoreJob], mode: str, rubric: Rubric) -> list[Verdict | ItemFailure]:
+    def score(
+        self, jobs: list[ScoreJob], mode: str, rubric: Rubric, repeat: int | None = None
+    ) -> list[Verdict | ItemFailure]:
         """Score each job with `rubric` in `mode`: one Verdict or ItemFailure per job, in order.
+        `repeat` r (generate mode) makes this the r-th sampled judgement of a repeated one.
 
-        Raises ValueError only for the whole call: an unknown mode, or logits mode with a tokenizer
-        whose digits are not single tokens.
+        Raises ValueError only for the whole call: an unknown mode, a repeat in logits mode, or logits
+        mode with a tokenizer whose digits are not single tokens.
         """
         if mode not in MODES:
             raise ValueError(f"unknown scoring mode {mode!r}; known modes: {', '.join(MODES)}")
+        if repeat is not None and (mode != "generate" or repeat < 0):
+            raise ValueError(f"repeat {repeat!r} needs generate mode and a repeat index >= 0 (mode {mode!r})")
         outcomes: dict[int, Verdict | ItemFailure] = {}
         for i, job in enumerate(jobs):
             problem = _job_problem(job)
@@ -121,8 +130,10 @@ class Judge:
         live = [i for i in range(len(jobs)) if i not in outcomes]
         start = time.monotonic()
         if live:
-            score_live = self._score_logits if mode == "logits" else self._score_generate
-            outcomes.update(score_live(jobs, live, rubric))
+            if mode == "logits":
+                outcomes.update(self._score_logits(jobs, live, rubric))
+            else:
+                outcomes.update(self._score_generate(jobs, live, rubric, repeat))
         failed = sum(isinstance(o, ItemFailure) for o in outcomes.values())
         log.info("scored %d jobs in %s mode in %.2f s; %d failed", len(jobs), mode, time.monotonic() - start, failed)
         return [outcomes[i] for i in range(len(jobs))]
@@ -197,7 +208,7 @@ class Judge:
     # ---- generate mode -----------------------------------------------------------------------
 
     def _score_generate(
-        self, jobs: list[ScoreJob], live: list[int], rubric: Rubric
+        self, jobs: list[ScoreJob], live: list[int], rubric: Rubric, repeat: int | None
     ) -> dict[int, Verdict | ItemFailure]:
         failed: dict[int, ItemFailure] = {}
         replies: dict[int, dict[str, list[float | str]]] = {i: {g: [] for g in GROUPS} for i in live}
@@ -210,10 +221,11 @@ class Judge:
             for attempt in range(attempts):
                 if not pending:
                     break
-                reply = partial(self._generate, jobs, rubric, group, attempt)
-                # the greedy first attempt runs as a batch; sampled retries run one job at a time, so
-                # a job's retry replies do not depend on which other jobs shared its batch
-                outs = self._each(reply, pending) if attempt == 0 else [self._each(reply, [i])[0] for i in pending]
+                seed = None if repeat is None and attempt == 0 else _sample_seed(repeat, attempt)
+                reply = partial(self._generate, jobs, rubric, group, seed)
+                # a greedy first attempt runs as a batch; sampled attempts run one job at a time, so a
+                # job's sampled replies do not depend on which other jobs shared its batch
+                outs = self._each(reply, pending) if seed is None else [self._each(reply, [i])[0] for i in pending]
                 still_pending = []
                 for i, out in zip(pending, outs, strict=True):
                     if isinstance(out, ItemFailure):
@@ -244,17 +256,17 @@ class Judge:
         return results
 
     def _generate(
-        self, jobs: list[ScoreJob], rubric: Rubric, group: str, attempt: int, indices: list[int]
+        self, jobs: list[ScoreJob], rubric: Rubric, group: str, seed: int | None, indices: list[int]
     ) -> list[str]:
-        """Per job: the reply text to `group`'s prompt; greedy on the first attempt, seeded sampling on retries."""
+        """Per job: the reply text to `group`'s prompt; greedy without a seed, else sampled with it."""
         images = rubric.groups[group].images
         prompts = [
             self._prompt(rubric, images, jobs[i], rubric.group_prompt(group, jobs[i].instruction)) for i in indices
         ]
         inputs = self._encode(prompts)
         options: dict[str, object] = {"do_sample": False}
-        if attempt > 0:
-            torch.manual_seed(attempt)
+        if seed is not None:
+            torch.manual_seed(seed)
             options = {"do_sample": True, "temperature": _RETRY_TEMPERATURE}
         with torch.inference_mode():
             out = self.model.generate(
@@ -320,6 +332,12 @@ class Judge:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _sample_seed(repeat: int | None, attempt: int) -> int:
+    """The sampling seed of `attempt` (0 first) of a judgement; `repeat` None: a single judgement,
+    whose first attempt is greedy and whose retry k uses seed k, as before repeats existed."""
+    return attempt if repeat is None else (repeat + 1) * _REPEAT_SEED_STRIDE + attempt
 
 
 def _job_problem(job: ScoreJob) -> str | None:

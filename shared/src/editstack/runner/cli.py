@@ -118,6 +118,7 @@ def _run(args: argparse.Namespace) -> int:
         "limit_per_category": args.limit_per_category, "run_dir": args.run_dir,
         "only": args.only, "edits": args.edits, "strict": True if args.strict else None,
         "editor.endpoints": args.editor, "scorer.endpoint": args.scorer, "connect_timeout_s": args.connect_timeout,
+        "scorer.judge_repeats": args.judge_repeats,
     }.items() if value is not None}
     logging.getLogger().setLevel(logging.INFO)
     config = load_config(args.config, overrides)
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--strict", action="store_true", help="invalid dataset items are fatal")
     run.add_argument("--editor", action="append", metavar="ENDPOINT", help="editor endpoint (repeat for several)")
     run.add_argument("--scorer", metavar="ENDPOINT", help="scorer endpoint")
+    run.add_argument("--judge-repeats", type=int, metavar="K",
+                     help="generate mode: ask the judge K times per item (sampled, seeded) and report its spread")
     run.add_argument("--connect-timeout", type=float, metavar="S",
                      help="stop (exit 3) when a service has not answered within S seconds (default 60)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",

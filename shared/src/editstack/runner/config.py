@@ -56,6 +56,8 @@ class ScorerConfig(msgspec.Struct, forbid_unknown_fields=True):
     deadline_s: Seconds = 600.0
     mode: JudgeMode | None = None
     rubric: str | None = None
+    # generate mode: sampled judgements per item (the scorer allows 1..16; more than 1 needs generate mode)
+    judge_repeats: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
 
 
 class RunConfig(msgspec.Struct, forbid_unknown_fields=True):

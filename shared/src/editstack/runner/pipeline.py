@@ -360,7 +360,7 @@ class Pipeline:
             sent.append(p)
         if not sent:
             return
-        request = ScoreRequest(items, mode=cfg.mode, rubric=cfg.rubric)
+        request = ScoreRequest(items, mode=cfg.mode, rubric=cfg.rubric, repeats=cfg.judge_repeats)
         try:
             reply = self._timed("score", cfg.deadline_s, lambda budget_s: client.score(request, blobs, budget_s=budget_s))
             _check_count(reply.items, sent, client.endpoint)
@@ -526,11 +526,13 @@ def _check_provenance(run_dir: Path, kept: Iterable[ItemRecord], editors: dict[s
             if before not in editor_now:
                 now = next(iter(editor_now))
                 raise RunFolderError(_provenance_message(run_dir, record, "editor", _EDITOR_FIELDS, before, now))
-        if record.judge is not None and record.status == "scored" and judge_now is not None:
-            before = tuple(getattr(record.judge, f) for f in _JUDGE_FIELDS)
-            changed = [n for n, b, a in zip(_JUDGE_FIELDS, before, judge_now, strict=True) if a is not None and a != b]
-            if changed:
-                raise RunFolderError(_provenance_message(run_dir, record, "judge", _JUDGE_FIELDS, before, judge_now))
+        if record.judge is not None and record.status == "scored" and record.score is not None and judge_now is not None:
+            # how many times the judge was asked per item is part of how it judged
+            before = (*(getattr(record.judge, f) for f in _JUDGE_FIELDS), len(record.score.repeat_overall) or 1)
+            now = (*judge_now, config.scorer.judge_repeats)
+            if any(a is not None and a != b for b, a in zip(before, now, strict=True)):
+                raise RunFolderError(_provenance_message(run_dir, record, "judge", (*_JUDGE_FIELDS, "judge_repeats"),
+                                                         before, now))
 
 
 def _judge_now(scorer: Status | None, config: RunConfig) -> tuple[str | None, ...] | None:

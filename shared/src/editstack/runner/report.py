@@ -25,6 +25,13 @@ Every mean has a 95 % percentile-bootstrap interval over its scored items (`stat
 is added): `<name>_ci_low`/`<name>_ci_high` in the summaries, after the columns that were there
 before them. A mean over one item has the mean as its interval; no scored items: null.
 
+Judge spread (only when some scored item was judged K > 1 times, `scorer.judge_repeats`): per
+category and ALL, over the items with repeats, the mean per-item standard deviation of overall
+across its repeats, and the judge's share of the variance: the mean within-item variance over the
+variance of all the repeats' overalls pooled. Both variances divide by their count (population
+variance), so with one K for all items the share is the within-item part of the law of total
+variance, between 0 and 1; it is null when all the pooled values are equal.
+
 The journal is append-only, so a crash can tear its last line: an unparseable last line is ignored
 (with a warning). Any other unreadable line is an error: it is logged, listed in the reports, and
 its item is not counted.
@@ -109,6 +116,17 @@ class _Row:
 
 
 @dataclass(frozen=True)
+class _Spread:
+    """The judge's own spread over one category's items judged more than once (see the module doc)."""
+
+    category: str
+    items: int  # scored items with repeats
+    repeats: list[int]  # the repeat counts these items had, sorted
+    mean_sd: float | None
+    judge_share: float | None
+
+
+@dataclass(frozen=True)
 class _Run:
     """A run folder, read: its manifest, one record per item (sorted), and what could not be read."""
 
@@ -175,6 +193,38 @@ def _row(category: str, records: Sequence[ItemRecord]) -> _Row:
 
 def _scores(records: Iterable[ItemRecord]) -> list[Verdict]:
     return [r.score for r in records if r.status == "scored" and r.score is not None]
+
+
+def _spreads(records: Sequence[ItemRecord]) -> list[_Spread]:
+    """A spread per category (sorted), then ALL; empty when no scored item has repeats."""
+    if not any(len(s.repeat_overall) > 1 for s in _scores(records)):
+        return []
+    categories = sorted({r.category for r in records})
+    return [*(_spread(c, [r for r in records if r.category == c]) for c in categories),
+            _spread(ALL_CATEGORIES, records)]
+
+
+def _spread(category: str, records: Sequence[ItemRecord]) -> _Spread:
+    repeated = [s.repeat_overall for s in _scores(records) if len(s.repeat_overall) > 1]
+    if not repeated:
+        return _Spread(category, 0, [], None, None)
+    pooled = statistics.pvariance([x for overalls in repeated for x in overalls])
+    within = statistics.fmean(statistics.pvariance(overalls) for overalls in repeated)
+    return _Spread(category, len(repeated), sorted({len(o) for o in repeated}),
+                   mean_sd=statistics.fmean(statistics.pstdev(overalls) for overalls in repeated),
+                   judge_share=within / pooled if pooled > 0 else None)
+
+
+def _spread_lines(spreads: Sequence[_Spread]) -> tuple[list[str], list[list[str]], str]:
+    """The spread table as (header, rows of cells, note), shared by report.md and report.html."""
+    header = ["category", "items with repeats", "repeats", "mean SD of overall", "judge share of variance"]
+    cells = [[s.category, str(s.items), ", ".join(map(str, s.repeats)) or _DASH, _number(s.mean_sd),
+              _DASH if s.judge_share is None else f"{s.judge_share:.0%}"] for s in spreads]
+    note = ("Each item was judged several times (sampled, seeded); its scores above are the mean of its repeats. "
+            "Mean SD: the average over items of the standard deviation of overall across an item's repeats. "
+            "Judge share: the mean within-item variance over the variance of all repeats' overalls pooled "
+            "(population variances): the part of the spread that is the judge's, not the items'.")
+    return header, cells, note
 
 
 # ---- what every report says about the run ------------------------------------------------------
@@ -278,6 +328,8 @@ def _meta(run: _Run) -> dict[str, Any]:
         "mode": Counter(s.mode for s in scored),
         "rubric_in_records": Counter(f"{s.rubric_id} {s.rubric_version}" for s in scored),
         "interval": _INTERVAL,
+        # null when no item was judged more than once; "repeats" lists the K values the items had
+        "judge_spread": [asdict(s) for s in _spreads(run.records)] or None,
         "params": msgspec.to_builtins(m.params),
         "editors": msgspec.to_builtins(m.editors),
         "scorer": msgspec.to_builtins(m.scorer),
@@ -299,6 +351,12 @@ def _markdown(run: _Run, rows: Sequence[_Row]) -> str:
         lines.append(f"| {name} | {row.items} | {row.scored} | {row.failed} | "
                      + " | ".join(row.estimate(n) for n in _MEANS) + " |")
     lines += ["", _counting_note(rows[-1]), "", _interval_note()]
+    if spreads := _spreads(run.records):
+        header, cells, note = _spread_lines(spreads)
+        lines += ["", "## Judge spread", "", "| " + " | ".join(header) + " |", "|---|" + "--:|" * (len(header) - 1)]
+        lines += ["| " + " | ".join(f"**{c}**" if k == 0 and row is cells[-1] else md_text(c) for k, c in enumerate(row))
+                  + " |" for row in cells]
+        lines += ["", note]
     if failures := [(r, r.error) for r in run.records if r.status == "failed" and r.error is not None]:
         lines += ["", f"## Failed items ({len(failures)})", "", "| item | category | stage | code | message |",
                   "|---|---|---|---|---|"]
@@ -373,6 +431,12 @@ def _html(run: _Run, rows: Sequence[_Row]) -> str:
                      + "".join(f'<td class="n">{value}</td>' for value in (
                          row.items, row.scored, row.failed, *(row.estimate(n) for n in _MEANS))) + "</tr>")
     parts.append(f"</table><p>{esc(_counting_note(rows[-1]))}</p><p>{esc(_interval_note())}</p>")
+    if spreads := _spreads(run.records):
+        header, cells, note = _spread_lines(spreads)
+        parts.append("<h2>Judge spread</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
+                     + "".join("<tr>" + "".join(f'<td{"" if k == 0 else " class=n"}>{esc(c)}</td>'
+                                                 for k, c in enumerate(row)) + "</tr>" for row in cells)
+                     + f"</table><p>{esc(note)}</p>")
     if problems := _problems(run):
         parts.append(f"<h2>Problems ({len(problems)})</h2><ul>" + "".join(f"<li>{esc(p)}</li>" for p in problems) + "</ul>")
 

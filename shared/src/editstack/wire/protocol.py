@@ -38,7 +38,7 @@ Error codes (`ErrorCode`), one list for both services and the runner:
     missing_image      ItemError              an image the item needs was not sent (or, runner: no file)
     bad_image          ItemError              an image cannot be decoded, or has an unusable size or mode
     bad_instruction    ItemError              an empty instruction
-    bad_param          ItemError              a parameter out of its range (steps, guidance, size, mode, rubric)
+    bad_param          ItemError              a parameter out of its range (steps, guidance, size, mode, rubric, repeats)
     bad_input          ItemError              inputs the model cannot take (judge: image mode, instruction type)
     model_error        ItemError              the model raised on this item (e.g. CUDA out of memory)
     unparseable_reply  ItemError              generate mode: no schema-valid judge reply within the attempts
@@ -133,6 +133,8 @@ class ScoreRequest(msgspec.Struct, tag="score", tag_field="op", frozen=True):
     mode: str | None = None  # checked by the scorer, so an unknown mode fails its items with bad_param
     rubric: str | None = None
     deadline_s: float | None = None  # not started later than this after arrival (None: no deadline)
+    # generate mode: judge each item this many times, each a seeded sample, and send the mean (Verdict.repeat_*)
+    repeats: int = 1
 
 
 # ---- service → client -------------------------------------------------------------------------
@@ -222,6 +224,11 @@ class Verdict(msgspec.Struct, frozen=True, kw_only=True):
     0..10 before renormalising, per question. `raw` is the judge's own output: in logits mode, per
     question the 11 probabilities of the answers 0..10; in generate mode, per group the reply texts
     of every attempt. `attempts` counts generate calls (0 in logits mode).
+
+    Judged K > 1 times (ScoreRequest.repeats, generate mode): `sub_scores`, `sc`, `pq` and `overall`
+    are each the mean over the K repeats (so `overall` is the mean of the repeats' overalls, not
+    sqrt(sc * pq) of the means), `repeat_overall` and `repeat_sub_scores` hold each repeat's own
+    values in repeat order, and `raw` and `attempts` cover every repeat. Judged once: both are empty.
     """
 
     rubric_id: str
@@ -235,6 +242,8 @@ class Verdict(msgspec.Struct, frozen=True, kw_only=True):
     score_mass: dict[str, float] = {}
     raw: dict[str, list[float | str]] = {}
     attempts: int = 0
+    repeat_overall: list[float] = []
+    repeat_sub_scores: list[dict[str, float]] = []
 
 
 class ScoreResult(msgspec.Struct, frozen=True):
