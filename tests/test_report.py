@@ -342,3 +342,15 @@ def test_a_run_judged_once_per_item_has_no_judge_spread(tmp_path: Path) -> None:
     paths = write_reports(_fake_run(tmp_path))
     assert json.loads(paths.summary_meta.read_text())["judge_spread"] is None
     assert "Judge spread" not in paths.markdown.read_text() and "Judge spread" not in paths.html.read_text()
+
+
+def test_means_by_language_and_by_group_carry_their_intervals(tmp_path: Path) -> None:
+    grouped = [msgspec.structs.replace(_record(f"g{n}", "physics", "scored", sc=s, pq=s, source=tmp_path / "x.png"),
+                                       language="zh", groups=["natural_science"]) for n, s in enumerate((2.0, 4.0))]
+    run = _fake_run(tmp_path, extra_lines=[_line(r) for r in grouped])
+    text = write_reports(run).markdown.read_text()
+    assert "## By language" in text and "## By group" in text
+    assert "| natural_science | 2 | 2 | 0 | 3.00 [2.00, 4.00] |" in text
+    meta = json.loads((run / "summary.meta.json").read_text())
+    assert [row["category"] for row in meta["by_language"]] == ["en", "zh"]
+    assert meta["by_group"][0]["overall_ci_low"] == 2.0 and meta["by_group"][0]["overall_ci_high"] == 4.0

@@ -7,6 +7,7 @@
                     [--only edit|score] [--edits DIR] [--dataset SPEC] [--strict]
                     [--editor ENDPOINT ...] [--scorer ENDPOINT] [--connect-timeout S] [--set KEY=VALUE ...]
     editstack compare RUN RUN [RUN ...] --out DIR [--allow-different-judges]
+    editstack judgecheck ENDPOINT --out DIR [--mode M] [--rubric ID] [--cases-per-type N] [--seed N]
     editstack --version
 
 Exit status: 0 success (for ping: the service is ready); 1 the service is still loading, an item
@@ -134,6 +135,17 @@ def _compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _judgecheck(args: argparse.Namespace) -> int:
+    from editstack.runner.judgecheck import run_judgecheck  # the runner's modules need its extras: import on use
+    from editstack.runner.pipeline import wait_ready
+
+    logging.getLogger().setLevel(logging.INFO)
+    wait_ready({args.endpoint: "scorer"}, args.connect_timeout, load_timeout_s=3600.0)
+    print(run_judgecheck(args.endpoint, args.out, mode=args.mode, rubric=args.rubric, timeout_s=args.timeout,
+                         cases_per_type=args.cases_per_type, seed=args.seed))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="editstack", description="Benchmark image editors with a VLM judge.")
     parser.add_argument("--version", action="version", version=f"editstack {editstack.__version__}")
@@ -195,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--allow-different-judges", action="store_true",
                          help="compare runs judged differently (model, revision, rubric, mode, aggregation); flagged")
     compare.set_defaults(func=_compare)
+
+    check = commands.add_parser("judgecheck", help="how often the judge ranks a pixel-checked right edit above a wrong one")
+    check.add_argument("endpoint", help="the scorer: ipc:///path/to.sock or tcp://host:port")
+    check.add_argument("--out", required=True, type=Path, help="the folder for judgecheck.md and judgecheck.json")
+    check.add_argument("--mode", choices=["logits", "generate"], help="judge mode (default: the scorer's)")
+    check.add_argument("--rubric", help="rubric id (default: the scorer's)")
+    check.add_argument("--cases-per-type", type=int, default=4, help="cases of each edit type (default 4)")
+    check.add_argument("--seed", type=int, default=0, help="the cases' seed")
+    check.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for one reply")
+    check.add_argument("--connect-timeout", type=float, default=60.0, metavar="S",
+                       help="stop (exit 3) when the scorer has not answered within S seconds")
+    check.set_defaults(func=_judgecheck)
     return parser
 
 

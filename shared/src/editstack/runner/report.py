@@ -191,6 +191,18 @@ def _row(category: str, records: Sequence[ItemRecord]) -> _Row:
     return _Row(category, len(records), len(scores), sum(r.status == "failed" for r in records), **means, **intervals)
 
 
+def _breakdowns(records: Sequence[ItemRecord]) -> list[tuple[str, list[_Row]]]:
+    """Rows by language and by group (a benchmark's groups of its categories, e.g. KRIS-Bench's
+    knowledge types), each with its intervals, when the items have them. An item counts in every
+    group it belongs to."""
+    breakdowns = []
+    if languages := sorted({r.language for r in records if r.language}):
+        breakdowns.append(("language", [_row(lang, [r for r in records if r.language == lang]) for lang in languages]))
+    if groups := sorted({g for r in records for g in r.groups}):
+        breakdowns.append(("group", [_row(g, [r for r in records if g in r.groups]) for g in groups]))
+    return breakdowns
+
+
 def _scores(records: Iterable[ItemRecord]) -> list[Verdict]:
     return [r.score for r in records if r.status == "scored" and r.score is not None]
 
@@ -334,6 +346,8 @@ def _meta(run: _Run) -> dict[str, Any]:
         "editors": msgspec.to_builtins(m.editors),
         "scorer": msgspec.to_builtins(m.scorer),
         "journal": {"items": len(run.records), "problems": run.problems, "torn_last_line_ignored": run.torn_last_line},
+        # the same rows as summary.json, by language and by group instead of category
+        **{f"by_{kind}": [asdict(row) for row in table] for kind, table in _breakdowns(run.records)},
     }
 
 
@@ -351,6 +365,11 @@ def _markdown(run: _Run, rows: Sequence[_Row]) -> str:
         lines.append(f"| {name} | {row.items} | {row.scored} | {row.failed} | "
                      + " | ".join(row.estimate(n) for n in _MEANS) + " |")
     lines += ["", _counting_note(rows[-1]), "", _interval_note()]
+    for kind, table in _breakdowns(run.records):
+        lines += ["", f"## By {kind}", "", f"| {kind} | items | scored | failed | mean SC [95 % CI] | mean PQ [95 % CI] "
+                  "| mean overall [95 % CI] |", "|---|--:|--:|--:|--:|--:|--:|"]
+        lines += [f"| {md_text(row.category)} | {row.items} | {row.scored} | {row.failed} | "
+                  + " | ".join(row.estimate(n) for n in _MEANS) + " |" for row in table]
     if spreads := _spreads(run.records):
         header, cells, note = _spread_lines(spreads)
         lines += ["", "## Judge spread", "", "| " + " | ".join(header) + " |", "|---|" + "--:|" * (len(header) - 1)]
@@ -431,6 +450,13 @@ def _html(run: _Run, rows: Sequence[_Row]) -> str:
                      + "".join(f'<td class="n">{value}</td>' for value in (
                          row.items, row.scored, row.failed, *(row.estimate(n) for n in _MEANS))) + "</tr>")
     parts.append(f"</table><p>{esc(_counting_note(rows[-1]))}</p><p>{esc(_interval_note())}</p>")
+    for kind, table in _breakdowns(run.records):
+        parts.append(f"<h2>By {kind}</h2><table><tr><th>{kind}</th><th>items</th><th>scored</th><th>failed</th>"
+                     "<th>mean SC [95 % CI]</th><th>mean PQ [95 % CI]</th><th>mean overall [95 % CI]</th></tr>"
+                     + "".join(f"<tr><td>{esc(row.category)}</td>" + "".join(
+                         f'<td class="n">{value}</td>' for value in (
+                             row.items, row.scored, row.failed, *(row.estimate(n) for n in _MEANS))) + "</tr>"
+                         for row in table) + "</table>")
     if spreads := _spreads(run.records):
         header, cells, note = _spread_lines(spreads)
         parts.append("<h2>Judge spread</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
