@@ -36,7 +36,8 @@ MODEL_LOAD_LOG = re.compile(r"loaded .* in ([0-9.]+) s")
 
 def _request(images: list[np.ndarray]) -> tuple[EditRequest, Blobs]:
     blobs = Blobs()
-    items = [EditItem(id=str(k), instruction=INSTRUCTIONS[k % len(INSTRUCTIONS)], images=[blobs.add(im)], seed=k)
+    items = [EditItem(id=str(k), instruction=INSTRUCTIONS[k % len(INSTRUCTIONS)], images=[blobs.add(im)], seed=k,
+                      width=SIDE, height=SIDE)
              for k, im in enumerate(images)]
     return EditRequest(items), blobs
 

@@ -46,7 +46,7 @@ def _request(images: list[np.ndarray], mode: str) -> tuple[ScoreRequest, Blobs]:
 
 def _attempts(result: ScoreResult) -> int:
     """Judge generations an item took: a scored item says so; a failed one keeps every reply's raw text."""
-    return result.attempts if result.error is None else len(result.error.raw)
+    return result.verdict.attempts if result.verdict is not None else len(result.error.raw)
 
 
 def _score_call(client: Client, images: list[np.ndarray], mode: str,
