@@ -14,10 +14,12 @@ from editstack.errors import ConfigError
 from editstack.runner.cli import main
 from editstack.runner.compare import LEADERBOARD_COLUMNS, write_leaderboard
 from editstack.runner.config import RunConfig
+from editstack.runner.report import TINY_BANNER
 from editstack.runner.runfolder import (
     RESULTS_NAME,
     SCHEMA_VERSION,
     DatasetInfo,
+    EmbeddedTiny,
     EditOutcome,
     Failure,
     ItemRecord,
@@ -49,13 +51,13 @@ def _record(item_id: str, category: str, overall: float | None, judge: JudgeIden
 
 
 def _fake_run(root: Path, name: str, items: dict[str, tuple[str, float | None]], *, judge: JudgeIdentity = JUDGE,
-              aggregation: dict[str, str] | None = None) -> Path:
+              aggregation: dict[str, str] | None = None, tiny: bool = False) -> Path:
     """A run folder through the run folder's own types; `aggregation` overrides the rule per item id."""
     run = root / name
     write_manifest(run, Manifest(
         schema=SCHEMA_VERSION, editstack_version="0.1.0", started_at="2025-01-01T00:00:00+00:00",
         dataset=DatasetInfo(spec="sample", items=len(items)), config=RunConfig(dataset="sample"),
-        params=RunParams(seed=0, seed_rule="test")))
+        params=RunParams(seed=0, seed_rule="test"), embedded_tiny=EmbeddedTiny(editor=tiny)))
     records = [_record(i, category, overall, judge, (aggregation or {}).get(i, AGGREGATION))
                for i, (category, overall) in items.items()]
     (run / RESULTS_NAME).write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in records))
@@ -197,3 +199,15 @@ def test_bad_input_exits_2_naming_the_cause(tmp_path: Path, capsys: pytest.Captu
     assert "at least two run folders" in capsys.readouterr().err
     assert main(["compare", str(base), str(tmp_path / "base"), "--out", str(tmp_path / "out")]) == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def test_runs_of_embedded_tiny_models_get_the_banner(tmp_path: Path) -> None:
+    base = _fake_run(tmp_path, "base", BASE)
+    tiny = _fake_run(tmp_path, "tiny", _shifted(1.0), tiny=True)
+    paths = write_leaderboard([base, tiny], tmp_path / "board")
+    for path in (paths.markdown, paths.html):
+        text = path.read_text()
+        assert TINY_BANNER in text and "produced tiny;" in text
+        assert text.index(TINY_BANNER) < text.index("Mean overall score"), "the banner comes before any number"
+    clean = write_leaderboard([base, _fake_run(tmp_path, "plus", _shifted(1.0))], tmp_path / "clean")
+    assert TINY_BANNER not in clean.markdown.read_text()

@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 from editstack.errors import ConfigError
 from editstack.runner.files import write_atomic
-from editstack.runner.report import ALL_CATEGORIES, md_text  # one escaping rule for every Markdown table
+from editstack.runner.report import ALL_CATEGORIES, TINY_BANNER, md_text  # one escaping rule for every Markdown table
 from editstack.runner.runfolder import RESULTS_NAME, ItemRecord, Journal, read_manifest
 from editstack.runner.stats import LEVEL, METHOD, RESAMPLES, SEED, bootstrap_ci, paired_bootstrap_ci
 
@@ -66,6 +66,7 @@ class _Run:
     folder: Path
     records: dict[str, ItemRecord]
     problems: list[str]
+    tiny: bool  # an embedded tiny random-weight model produced it: its numbers mean nothing
 
     def overall(self, item_id: str) -> float:
         return self.records[item_id].score.overall  # type: ignore[union-attr]  # paired items are scored
@@ -134,11 +135,12 @@ def _read_runs(folders: list[Path]) -> list[_Run]:
     labels = names if len(set(names)) == len(names) else [str(f) for f in folders]
     runs = []
     for label, folder in zip(labels, folders):
-        read_manifest(folder)  # a folder without a readable manifest is not a run folder: RunFolderError
+        manifest = read_manifest(folder)  # a folder without a readable manifest is not a run folder
         journal = Journal(folder / RESULTS_NAME).load()
         for problem in journal.problems:
             log.error("%s: %s", folder, problem)
-        runs.append(_Run(label, folder, journal.records, journal.problems))
+        tiny = manifest.embedded_tiny.editor or manifest.embedded_tiny.scorer
+        runs.append(_Run(label, folder, journal.records, journal.problems, tiny))
     return runs
 
 
@@ -271,10 +273,21 @@ def _csv(lines: Sequence[_Line]) -> str:
     return out.getvalue()
 
 
+def _banner(runs: Sequence[_Run]) -> str | None:
+    tiny = [run.label for run in runs if run.tiny]
+    if not tiny:
+        return None
+    return (f"{TINY_BANNER}: embedded tiny models produced {', '.join(tiny)}; "
+            "no difference here measures a real model.")
+
+
 def _markdown(runs: Sequence[_Run], lines: Sequence[_Line], flags: Sequence[tuple[frozenset[str], str]],
               paired: Sequence[str], unpaired: Sequence[str]) -> str:
     md = md_text
-    out = ["# editstack leaderboard", "", *(f"- **{md(label)}**: {md(text)}" for label, text in _notes(runs, paired, unpaired))]
+    out = ["# editstack leaderboard", ""]
+    if banner := _banner(runs):
+        out += [f"> **⚠ {md(banner)}**", ""]
+    out += [f"- **{md(label)}**: {md(text)}" for label, text in _notes(runs, paired, unpaired)]
     out += ["", f"## Differences between the runs ({len(flags)})", ""]
     out += [f"- ⚠ {md(line)}" for _, line in flags] or ["None: one judge, one aggregation rule, one item set."]
     out += ["", "## Mean overall score", "", "| category | run | paired items | mean overall [95 % CI] | scored | failed |",
@@ -302,6 +315,7 @@ table{border-collapse:collapse;margin:.5em 0 1.5em}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 td.n{text-align:right;font-variant-numeric:tabular-nums}
 .flag{color:#b00020}
+.banner{background:#b00020;color:#fff;padding:.8em 1em;font-weight:bold;border-radius:4px}
 ul.notes{list-style:none;padding:0}
 svg text{font:12px system-ui,sans-serif}
 """
@@ -351,6 +365,7 @@ def _html(runs: Sequence[_Run], lines: Sequence[_Line], flags: Sequence[tuple[fr
 
     parts = ['<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>editstack leaderboard</title>'
              f"<style>{_CSS}</style></head><body><h1>editstack leaderboard</h1>",
+             f'<p class="banner">⚠ {esc(banner)}</p>' if (banner := _banner(runs)) else "",
              '<ul class="notes">' + "".join(f"<li><b>{esc(label)}</b>: {esc(text)}</li>"
                                            for label, text in _notes(runs, paired, unpaired)) + "</ul>",
              f"<h2>Differences between the runs ({len(flags)})</h2>",
