@@ -358,18 +358,10 @@ def _markdown(run: _Run, rows: Sequence[_Row]) -> str:
     if banner := _banner(run.manifest):
         lines += [f"> **⚠ {md_text(banner)}**", ""]
     lines += [f"- **{label}**: {md_text(text)}" for label, text in _facts(run)]
-    lines += ["", "## Results", "", "| category | items | scored | failed | mean SC [95 % CI] | mean PQ [95 % CI] "
-              "| mean overall [95 % CI] |", "|---|--:|--:|--:|--:|--:|--:|"]
-    for row in rows:
-        name = f"**{ALL_CATEGORIES}**" if row is rows[-1] else md_text(row.category)
-        lines.append(f"| {name} | {row.items} | {row.scored} | {row.failed} | "
-                     + " | ".join(row.estimate(n) for n in _MEANS) + " |")
+    lines += ["", "## Results", "", *_md_table("category", rows, total=True)]
     lines += ["", _counting_note(rows[-1]), "", _interval_note()]
     for kind, table in _breakdowns(run.records):
-        lines += ["", f"## By {kind}", "", f"| {kind} | items | scored | failed | mean SC [95 % CI] | mean PQ [95 % CI] "
-                  "| mean overall [95 % CI] |", "|---|--:|--:|--:|--:|--:|--:|"]
-        lines += [f"| {md_text(row.category)} | {row.items} | {row.scored} | {row.failed} | "
-                  + " | ".join(row.estimate(n) for n in _MEANS) + " |" for row in table]
+        lines += ["", f"## By {kind}", "", *_md_table(kind, table, total=False)]
     if spreads := _spreads(run.records):
         header, cells, note = _spread_lines(spreads)
         lines += ["", "## Judge spread", "", "| " + " | ".join(header) + " |", "|---|" + "--:|" * (len(header) - 1)]
@@ -387,6 +379,31 @@ def _markdown(run: _Run, rows: Sequence[_Row]) -> str:
         lines += ["", f"<details><summary>{len(unselected)} dataset problem(s) in items outside this run's "
                   "selection</summary>", "", *(f"- {md_text(p)}" for p in unselected), "", "</details>"]
     return "\n".join(lines) + "\n"
+
+
+_TABLE_COLUMNS = ("items", "scored", "failed", "mean SC [95 % CI]", "mean PQ [95 % CI]", "mean overall [95 % CI]")
+
+
+def _cells(row: _Row) -> list[str]:
+    return [str(row.items), str(row.scored), str(row.failed), *(row.estimate(n) for n in _MEANS)]
+
+
+def _md_table(first: str, rows: Sequence[_Row], *, total: bool) -> list[str]:
+    """A summary table in Markdown; `total`: the last row is the ALL row, in bold."""
+    lines = [f"| {first} | " + " | ".join(_TABLE_COLUMNS) + " |", "|---|" + "--:|" * len(_TABLE_COLUMNS)]
+    for row in rows:
+        name = f"**{ALL_CATEGORIES}**" if total and row is rows[-1] else md_text(row.category)
+        lines.append(f"| {name} | " + " | ".join(_cells(row)) + " |")
+    return lines
+
+
+def _html_table(first: str, rows: Sequence[_Row], *, total: bool) -> str:
+    """The same table in HTML; `total`: the last row is the ALL row."""
+    esc = html.escape
+    head = "".join(f"<th>{esc(name)}</th>" for name in (first, *_TABLE_COLUMNS))
+    body = "".join(f'<tr{" class=all" if total and row is rows[-1] else ""}><td>{esc(row.category)}</td>'
+                   + "".join(f'<td class="n">{esc(cell)}</td>' for cell in _cells(row)) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _counting_note(total: _Row) -> str:
@@ -443,20 +460,10 @@ def _html(run: _Run, rows: Sequence[_Row]) -> str:
         parts.append(f'<p class="banner">⚠ {esc(banner)}</p>')
     parts.append('<ul class="facts">' + "".join(f"<li><b>{esc(label)}</b>: {esc(text)}</li>"
                                                 for label, text in _facts(run)) + "</ul>")
-    parts.append("<table><tr><th>category</th><th>items</th><th>scored</th><th>failed</th>"
-                 "<th>mean SC [95 % CI]</th><th>mean PQ [95 % CI]</th><th>mean overall [95 % CI]</th></tr>")
-    for row in rows:
-        parts.append(f'<tr{" class=all" if row is rows[-1] else ""}><td>{esc(row.category)}</td>'
-                     + "".join(f'<td class="n">{value}</td>' for value in (
-                         row.items, row.scored, row.failed, *(row.estimate(n) for n in _MEANS))) + "</tr>")
-    parts.append(f"</table><p>{esc(_counting_note(rows[-1]))}</p><p>{esc(_interval_note())}</p>")
+    parts.append(_html_table("category", rows, total=True))
+    parts.append(f"<p>{esc(_counting_note(rows[-1]))}</p><p>{esc(_interval_note())}</p>")
     for kind, table in _breakdowns(run.records):
-        parts.append(f"<h2>By {kind}</h2><table><tr><th>{kind}</th><th>items</th><th>scored</th><th>failed</th>"
-                     "<th>mean SC [95 % CI]</th><th>mean PQ [95 % CI]</th><th>mean overall [95 % CI]</th></tr>"
-                     + "".join(f"<tr><td>{esc(row.category)}</td>" + "".join(
-                         f'<td class="n">{value}</td>' for value in (
-                             row.items, row.scored, row.failed, *(row.estimate(n) for n in _MEANS))) + "</tr>"
-                         for row in table) + "</table>")
+        parts.append(f"<h2>By {kind}</h2>{_html_table(kind, table, total=False)}")
     if spreads := _spreads(run.records):
         header, cells, note = _spread_lines(spreads)
         parts.append("<h2>Judge spread</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
