@@ -19,7 +19,7 @@ def test_ping_exits_0_for_a_ready_service_and_prints_its_status(start_echo) -> N
     result = _ping(service.endpoint, "--json")
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
-    assert status["state"] == "ready" and status["service"] == "echo" and status["protocol"] == "editstack/2"
+    assert status["state"] == "ready" and status["service"] == "echo" and status["protocol"] == "editstack/3"
     plain = _ping(service.endpoint)
     assert plain.returncode == 0 and plain.stdout.startswith("echo ready")
 

@@ -118,7 +118,8 @@ def test_each_bad_input_gets_its_item_error_and_the_next_request_succeeds(scorer
 
 def test_work_over_the_judges_bounds_is_refused_per_item_naming_the_limit(start_service, tiny_judge_dir) -> None:
     service = start_service("scorer", [service_python("scorer"), "-m", "editstack_scorer"],
-                            env={"SCORER_TINY_DIR": str(tiny_judge_dir), "SCORER_MAX_INSTRUCTION_CHARS": "100"})
+                            env={"SCORER_TINY_DIR": str(tiny_judge_dir), "SCORER_MAX_INSTRUCTION_CHARS": "100",
+                                 "SCORER_JUDGE_IMAGE_PX": "0"})  # shown as sent
     large = np.zeros((1536, 1536, 3), dtype=np.uint8)  # 2,304 visual tokens each: two exceed the 4,096 positions
     with Client(service.endpoint, timeout_s=120) as client:
         results = _score(client, [(large, large), (SOURCE, EDITED[0]), (SOURCE, EDITED[1])],
@@ -126,6 +127,22 @@ def test_work_over_the_judges_bounds_is_refused_per_item_naming_the_limit(start_
     assert [r.error.code if r.error else None for r in results] == ["limit_exceeded", "limit_exceeded", None]
     assert "over the model's limit of 4096" in results[0].error.message
     assert "'instruction': 101 characters is over the limit of 100" in results[1].error.message
+
+
+def test_the_judge_sees_each_image_within_its_pixel_budget_and_counts_its_visual_tokens(start_service,
+                                                                                        tiny_judge_dir) -> None:
+    service = start_service("scorer", [service_python("scorer"), "-m", "editstack_scorer"],
+                            env={"SCORER_TINY_DIR": str(tiny_judge_dir)})
+    large = np.zeros((1536, 1536, 3), dtype=np.uint8)  # 2,304 visual tokens as sent, over the tiny judge's limit
+    with Client(service.endpoint, timeout_s=120) as client:
+        assert client.ping().score_defaults.judge_image_px == 768 * 768  # the default: GPT-4o's high-detail view
+        [result] = _score(client, [(large, large)], ["make the sky blue"], mode="logits")
+        [small] = _score(client, [(SOURCE, EDITED[0])], ["make the sky blue"], mode="logits")
+    # shown at 768² = 24 x 24 tokens of 32 px per image; the two sc questions show source and edit, the
+    # two pq questions the edit alone: 6 images read
+    assert result.error is None and result.verdict.visual_tokens == 6 * 24 * 24
+    # 64² is within the budget and sent on as it is; the processor's own floor (256²) makes it 8 x 8 tokens
+    assert small.verdict.visual_tokens == 6 * 8 * 8
 
 
 # ---- repeated judgements, torch-free: the worker on a scripted judge --------------------------
@@ -166,7 +183,7 @@ class _ScriptedJudge:
     def score(self, jobs, mode, rubric, repeat=None):
         self.calls.append(([job[2] for job in jobs], repeat))
         outs = []
-        for _, _, instruction in jobs:
+        for _, _, instruction, *_ in jobs:
             value = self.script[instruction][repeat]
             outs.append(_verdict(value, raw=f"{instruction} {repeat}") if value is not None else
                         ItemFailure("unparseable_reply", "no JSON", raw=[f"{instruction} {repeat} bad"]))

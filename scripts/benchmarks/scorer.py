@@ -7,6 +7,9 @@ Measured side by side, interleaved, in one run (medians of several repetitions):
                        default SCORER_GENERATE_RETRIES (2): the tiny judge's replies are gibberish, so
                        every item fails after its retries; items/s counts items answered, failed or not
   generate_no_retries  the same with SCORER_GENERATE_RETRIES=0: one generation per item
+  logits_1024, _2048   logits mode on a 1024² and a 2048² source and edit, shown to the judge within the
+                       default SCORER_JUDGE_IMAGE_PX (768²); without the budget a 2048² pair costs the
+                       judge 12x what a 1024² one does
   load                 seconds from process start until ping says ready, on the judge built beforehand:
                        Python start and imports (torch, transformers) plus the model load; the model
                        load alone is the figure the service logs
@@ -32,12 +35,14 @@ from harness import (Service, build_tiny, cold_starts, load_average, machine, me
                      torch_threads)
 
 BATCH, SIDE = 4, 64
+LARGE_SIDES = (1024, 2048)  # edits at the real models' sizes, for the judge's image budget
 INSTRUCTIONS = ("make the sky blue", "add a red hat to the cat", "remove the dog", "turn it into a watercolor painting")
 # judge.py logs "judge <model> (revision …) loaded on <device> as <dtype> in <s> s"
 MODEL_LOAD_LOG = re.compile(r"judge .* loaded on .* in ([0-9.]+) s")
 
 
 def _request(images: list[np.ndarray], mode: str) -> tuple[ScoreRequest, Blobs]:
+    """BATCH items, item k judging images[-1 - k] as an edit of images[k]."""
     blobs = Blobs()
     items = [ScoreItem(id=str(k), instruction=INSTRUCTIONS[k % len(INSTRUCTIONS)], sources=[blobs.add(images[k])],
                        edited=blobs.add(images[-1 - k])) for k in range(BATCH)]
@@ -72,6 +77,8 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8) for _ in range(BATCH)]
+    large = {side: [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(BATCH)]
+             for side in LARGE_SIDES}
     tmp = short_dir()
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
@@ -91,6 +98,9 @@ def main() -> None:
             outcomes[name] = Counter()
             client = stack.enter_context(Client(service.endpoint, timeout_s=300, retries=0))
             cases[name] = _score_call(client, images, mode, outcomes[name])
+        for side in LARGE_SIDES:
+            client = stack.enter_context(Client(judge.endpoint, timeout_s=300, retries=0))
+            cases[f"logits_{side}"] = _score_call(client, large[side], "logits", Counter())
         times = measure(cases, args.repeats)
         threads = torch_threads("scorer")
 
@@ -106,7 +116,8 @@ def main() -> None:
           f"without retries: {BATCH / median['generate_no_retries']:.2f} items/s")
     print(f"machine: {machine()}, {threads}; load average at start {load_at_start}, at end {load_average()}")
     print(f"scorer: logits_items_per_s={BATCH / median['logits']:.2f} "
-          f"generate_items_per_s={BATCH / median['generate']:.2f} load_s={load:.2f}")
+          f"generate_items_per_s={BATCH / median['generate']:.2f} load_s={load:.2f} "
+          + " ".join(f"items_per_s_{side}={BATCH / median[f'logits_{side}']:.2f}" for side in LARGE_SIDES))
 
 
 if __name__ == "__main__":

@@ -23,18 +23,18 @@ from editstack_scorer.worker import ScorerWorker
 def main() -> int:
     try:
         settings = settings_from_env(ScorerSettings, "SCORER_")
-        rubric = load_rubric(settings.rubric)
+        rubric = load_rubric(settings.rubric, settings.rubric_dir)
     except SettingsError as exc:
         print(f"scorer: {exc}", file=sys.stderr)
         return 2
-    except UnknownRubricError as exc:  # it lists the known ones
+    except (UnknownRubricError, ValueError) as exc:  # it lists the known ones, or names the file's fault
         print(f"scorer: SCORER_RUBRIC={settings.rubric!r}: {exc}", file=sys.stderr)
         return 2
     versions = package_versions("torch", "transformers")
     defaults = ScoreDefaults(mode=settings.mode, rubric_id=rubric.id, rubric_version=rubric.version,
-                             aggregation=rubric.aggregation, batch_size=settings.batch_size,
+                             rubric_sha256=rubric.sha256, aggregation=rubric.aggregation, batch_size=settings.batch_size,
                              max_new_tokens=settings.max_new_tokens, generate_retries=settings.generate_retries,
-                             limits=dataclasses.asdict(settings.limits))
+                             judge_image_px=settings.judge_image_px, limits=dataclasses.asdict(settings.limits))
     loaded: list[ScorerWorker] = []
 
     def load() -> ScorerWorker:
@@ -44,7 +44,7 @@ def main() -> int:
         model = embedded_model(settings.tiny_dir, tiny.build) if settings.model == EMBEDDED_MODEL else settings.model
         judge = Judge(model, settings.revision or None, settings.device, settings.dtype,
                       max_new_tokens=settings.max_new_tokens, generate_retries=settings.generate_retries,
-                      threads=settings.threads)
+                      threads=settings.threads, image_px=settings.judge_image_px)
         loaded.append(ScorerWorker(judge, ScoreJob, settings))
         return loaded[-1]
 

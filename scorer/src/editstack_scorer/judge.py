@@ -3,7 +3,8 @@
 The only scorer module that imports torch and transformers. Two modes:
 
 - `logits`: each rubric question is asked on its own and the score is the expected value of the
-  answers 0..10 under the model's next-token probabilities; it never fails to parse.
+  answers on the rubric's scale (0..10 or 1..5) under the model's next-token probabilities; it
+  never fails to parse.
 - `generate`: each rubric group is asked once (as VIEScore does) for a JSON object holding its
   sub-scores; the reply is checked by `replies.parse_reply`, retried a bounded number of times, and
   the raw texts are kept. Asked for repeat r of K (`ScoreRequest.repeats`), every attempt samples,
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TypeVar
 
@@ -33,7 +35,7 @@ from editstack.service.process import is_tiny_model
 from editstack.service.processors import drop_video_processor
 from editstack.wire.protocol import Verdict
 from editstack_scorer.replies import ReplyRejected, parse_reply
-from editstack_scorer.rubric import GROUPS, MODES, Question, Rubric, answer_distribution, expected_score
+from editstack_scorer.rubric import MODES, Question, Rubric, answer_distribution, expected_score
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +54,27 @@ _Prompt = tuple[str, list[Image.Image]]
 @dataclass(frozen=True)
 class ScoreJob:
     """One edit to judge: the source images (one or more), the edited image (RGB) and the instruction
-    that was applied."""
+    that was applied, and what the benchmark judges it against (see ScoreItem)."""
 
     sources: list[Image.Image]
     edited: Image.Image
     instruction: str
+    references: list[Image.Image] = field(default_factory=list)
+    reference_text: str = ""
+    explanation: str = ""
+
+    @property
+    def has(self) -> set[str]:
+        """What the job carries of a rubric group's possible needs."""
+        return {need for need, present in (("explanation", self.explanation.strip()),
+                                           ("reference_image", self.references),
+                                           ("reference_text", self.reference_text.strip())) if present}
+
+    @property
+    def context(self) -> dict[str, str]:
+        """The values of a rubric prompt's placeholders."""
+        return {"instruction": self.instruction, "explanation": self.explanation,
+                "reference_text": self.reference_text}
 
 
 class Judge:
@@ -71,6 +89,7 @@ class Judge:
         max_new_tokens: int = 256,
         generate_retries: int = 2,
         threads: int = 0,
+        image_px: int = 0,
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; known dtypes: {', '.join(_DTYPES)}")
@@ -81,6 +100,7 @@ class Judge:
         if threads:
             torch.set_num_threads(threads)
         self.max_new_tokens = max_new_tokens
+        self.image_px = image_px  # the area each image is shown at; 0 = as sent
         self.generate_retries = generate_retries
         self.embedded_tiny = is_tiny_model(model)
 
@@ -99,6 +119,7 @@ class Judge:
         # and past this the model would read positions it was never trained for without a word
         config = self.model.config
         self.max_input_tokens: int = getattr(getattr(config, "text_config", config), "max_position_embeddings")
+        self.image_token_id: int | None = getattr(config, "image_token_id", None)
         log.info(
             "judge %s (revision %s) loaded on %s as %s in %.2f s%s",
             model,
@@ -125,9 +146,13 @@ class Judge:
         outcomes: dict[int, Verdict | ItemFailure] = {}
         for i, job in enumerate(jobs):
             problem = _job_problem(job)
+            if problem is None and not rubric.asked(job.has):
+                problem = f"rubric {rubric.id!r} asks none of its questions of an item with only an instruction " \
+                          f"and images; each group needs one of {sorted({n for g in rubric.groups.values() for n in g.needs})}"
             if problem:
                 outcomes[i] = ItemFailure("bad_input", problem)
         live = [i for i in range(len(jobs)) if i not in outcomes]
+        jobs = [job if i in outcomes else self._shown(job) for i, job in enumerate(jobs)]
         start = time.monotonic()
         if live:
             if mode == "logits":
@@ -147,16 +172,18 @@ class Judge:
         failed: dict[int, ItemFailure] = {}
         dists: dict[int, dict[str, list[float | str]]] = {i: {} for i in live}
         masses: dict[int, dict[str, float]] = {i: {} for i in live}
+        visual = dict.fromkeys(live, 0)
         for question in rubric.questions:
-            todo = [i for i in live if i not in failed]
+            todo = [i for i in live if i not in failed and question.group in rubric.asked(jobs[i].has)]
             answer = partial(self._answer_distributions, jobs, rubric, question, digit_ids)
             for i, out in zip(todo, self._each(answer, todo), strict=True):
                 if isinstance(out, ItemFailure):
                     failed[i] = out
                     continue
-                first_digit, zero_after_one = out
+                first_digit, zero_after_one, tokens = out
+                visual[i] += tokens
                 try:
-                    dist, mass = answer_distribution(first_digit, zero_after_one)
+                    dist, mass = answer_distribution(first_digit, zero_after_one, rubric.scale)
                 except ValueError as exc:
                     failed[i] = ItemFailure("model_error", f"judge put {exc} for {question.name!r}")
                     continue
@@ -165,8 +192,9 @@ class Judge:
         for i in live:
             if i in failed:
                 continue
-            sub_scores = {name: expected_score(dist) for name, dist in dists[i].items()}
-            results[i] = rubric.result(mode="logits", sub_scores=sub_scores, raw=dists[i], score_mass=masses[i])
+            sub_scores = {name: expected_score(dist, rubric.scale) for name, dist in dists[i].items()}
+            results[i] = rubric.result(mode="logits", sub_scores=sub_scores, raw=dists[i], score_mass=masses[i],
+                                       asked=rubric.asked(jobs[i].has), visual_tokens=visual[i])
         return results
 
     def _digit_token_ids(self) -> list[int]:
@@ -182,8 +210,9 @@ class Judge:
 
     def _answer_distributions(
         self, jobs: list[ScoreJob], rubric: Rubric, question: Question, digit_ids: list[int], indices: list[int]
-    ) -> list[tuple[list[float], float]]:
-        """Per job: P(first answer token = "d") for d = 0..9, and P("0" | "1") (see `answer_distribution`).
+    ) -> list[tuple[list[float], float, int]]:
+        """Per job: P(first answer token = "d") for d = 0..9, P("0" | "1") (see `answer_distribution`),
+        and the visual tokens the judge read.
 
         One pass serves both: "1" is appended to every prompt, and causal attention makes the logits
         before it exactly those of the prompt alone (a separate second pass would repeat them).
@@ -191,7 +220,7 @@ class Judge:
         images = rubric.groups[question.group].images
         prompts = [
             self._prompt(
-                rubric, images, jobs[i], rubric.question_prompt(question, jobs[i].instruction), answer_start="1"
+                rubric, images, jobs[i], rubric.question_prompt(question, jobs[i].context), answer_start="1"
             )
             for i in indices
         ]
@@ -203,7 +232,8 @@ class Judge:
         probs = logits.float().softmax(-1).double().cpu()
         first = probs[:, 0, digit_ids]  # P(first answer token = d), d = 0..9
         zero_after_one = probs[:, 1, digit_ids[0]]  # P("0" | "1")
-        return [(row.tolist(), float(p)) for row, p in zip(first, zero_after_one, strict=True)]
+        return [(row.tolist(), float(p), tokens)
+                for row, p, tokens in zip(first, zero_after_one, self._visual_tokens(inputs), strict=True)]
 
     # ---- generate mode -----------------------------------------------------------------------
 
@@ -211,13 +241,15 @@ class Judge:
         self, jobs: list[ScoreJob], live: list[int], rubric: Rubric, repeat: int | None
     ) -> dict[int, Verdict | ItemFailure]:
         failed: dict[int, ItemFailure] = {}
-        replies: dict[int, dict[str, list[float | str]]] = {i: {g: [] for g in GROUPS} for i in live}
+        replies: dict[int, dict[str, list[float | str]]] = {i: {g: [] for g in rubric.asked(jobs[i].has)}
+                                                            for i in live}
         reasons: dict[int, list[str]] = {i: [] for i in live}
         sub_scores: dict[int, dict[str, float]] = {i: {} for i in live}
+        visual = dict.fromkeys(live, 0)
         attempts = 1 + self.generate_retries
-        for group in GROUPS:
+        for group in rubric.groups:
             keys = rubric.sub_scores(group)
-            pending = [i for i in live if i not in failed]
+            pending = [i for i in live if i not in failed and group in replies[i]]
             for attempt in range(attempts):
                 if not pending:
                     break
@@ -231,9 +263,11 @@ class Judge:
                     if isinstance(out, ItemFailure):
                         failed[i] = out
                         continue
-                    replies[i][group].append(out)
+                    text, tokens = out
+                    visual[i] += tokens
+                    replies[i][group].append(text)
                     try:
-                        sub_scores[i].update(parse_reply(out, keys))
+                        sub_scores[i].update(parse_reply(text, keys, rubric.scale))
                     except ReplyRejected as e:
                         reasons[i].append(f"group {group!r}, attempt {attempt + 1}: {e.reason}")
                         still_pending.append(i)
@@ -242,7 +276,7 @@ class Judge:
                 failed[i] = ItemFailure(
                     "unparseable_reply",
                     f"unparseable judge reply for group {group!r} after {attempts} attempts: {reasons[i][-1]}",
-                    raw=[str(text) for g in GROUPS for text in replies[i][g]],
+                    raw=[str(text) for texts in replies[i].values() for text in texts],
                 )
         results: dict[int, Verdict | ItemFailure] = dict(failed)
         for i in live:
@@ -251,17 +285,20 @@ class Judge:
                     mode="generate",
                     sub_scores=sub_scores[i],
                     raw=replies[i],
+                    asked=tuple(replies[i]),
                     attempts=sum(len(texts) for texts in replies[i].values()),
+                    visual_tokens=visual[i],
                 )
         return results
 
     def _generate(
         self, jobs: list[ScoreJob], rubric: Rubric, group: str, seed: int | None, indices: list[int]
-    ) -> list[str]:
-        """Per job: the reply text to `group`'s prompt; greedy without a seed, else sampled with it."""
+    ) -> list[tuple[str, int]]:
+        """Per job: the reply text to `group`'s prompt (greedy without a seed, else sampled with it) and
+        the visual tokens the judge read."""
         images = rubric.groups[group].images
         prompts = [
-            self._prompt(rubric, images, jobs[i], rubric.group_prompt(group, jobs[i].instruction)) for i in indices
+            self._prompt(rubric, images, jobs[i], rubric.group_prompt(group, jobs[i].context)) for i in indices
         ]
         inputs = self._encode(prompts)
         options: dict[str, object] = {"do_sample": False}
@@ -276,7 +313,8 @@ class Judge:
                 **options,
             )
         new_tokens = out[:, inputs["input_ids"].shape[1] :]
-        return self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return list(zip(texts, self._visual_tokens(inputs), strict=True))
 
     # ---- shared ------------------------------------------------------------------------------
 
@@ -284,8 +322,9 @@ class Judge:
         self, rubric: Rubric, images: Sequence[str], job: ScoreJob, text: str, answer_start: str = ""
     ) -> _Prompt:
         """The chat-formatted prompt showing `images` of `job` and asking `text`; `answer_start` begins the reply."""
-        # a multi-image edit shows all its sources, in the benchmark's order, where the rubric shows "source"
-        shown = [image for name in images for image in (job.sources if name == "source" else [job.edited])]
+        # a multi-image edit shows all its sources (and references), in the benchmark's order
+        by_name = {"source": job.sources, "edited": [job.edited], "reference": job.references}
+        shown = [image for name in images for image in by_name[name]]
         messages = [
             {"role": "system", "content": rubric.system},
             {"role": "user", "content": [{"type": "image"} for _ in shown] + [{"type": "text", "text": text}]},
@@ -303,6 +342,18 @@ class Judge:
             raise ItemFailure("limit_exceeded", f"the judge's input is {longest} tokens, over the model's limit of "
                                                 f"{self.max_input_tokens} (images are too large for this judge)")
         return inputs.to(self.model.device)
+
+    def _visual_tokens(self, inputs: transformers.BatchFeature) -> list[int]:
+        """Per row of `inputs`: its image tokens (0 for a model whose config names no image token)."""
+        if self.image_token_id is None:
+            return [0] * len(inputs["input_ids"])
+        return (inputs["input_ids"] == self.image_token_id).sum(dim=1).tolist()
+
+    def _shown(self, job: ScoreJob) -> ScoreJob:
+        """`job` with every image within the judge's image budget."""
+        return replace(job, sources=[_within(image, self.image_px) for image in job.sources],
+                       edited=_within(job.edited, self.image_px),
+                       references=[_within(image, self.image_px) for image in job.references])
 
     def _each(self, run: Callable[[list[int]], list[_Out]], indices: list[int]) -> list[_Out | ItemFailure]:
         """`run` over the whole batch; if it raises, retry job by job so that only the culprit fails."""
@@ -334,6 +385,16 @@ class Judge:
             torch.cuda.empty_cache()
 
 
+def _within(image: Image.Image, max_px: int) -> Image.Image:
+    """`image` downscaled, aspect kept, to at most `max_px` pixels (0: unchanged). The judge's own
+    processor would resize anyway (Qwen3-VL to multiples of 32 px); this only bounds the area."""
+    if not max_px or image.width * image.height <= max_px:
+        return image
+    scale = math.sqrt(max_px / (image.width * image.height))
+    size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
 def _sample_seed(repeat: int | None, attempt: int) -> int:
     """The sampling seed of `attempt` (0 first) of a judgement; `repeat` None: a single judgement,
     whose first attempt is greedy and whose retry k uses seed k, as before repeats existed."""
@@ -344,7 +405,8 @@ def _job_problem(job: ScoreJob) -> str | None:
     """Why a job cannot be scored as given, or None; inputs are checked, never silently converted."""
     if not job.sources:
         return "no source image"
-    named = [*((f"sources[{k}]", image) for k, image in enumerate(job.sources)), ("edited", job.edited)]
+    named = [*((f"sources[{k}]", image) for k, image in enumerate(job.sources)), ("edited", job.edited),
+             *((f"references[{k}]", image) for k, image in enumerate(job.references))]
     for field, image in named:
         if not isinstance(image, Image.Image):
             return f"{field} is a {type(image).__name__}, expected a PIL image"

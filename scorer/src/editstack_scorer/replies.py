@@ -9,7 +9,8 @@ Rules, applied in order; a reply that breaks one is rejected with `ReplyRejected
 3. The candidate must be one valid JSON object (two objects in prose span as one invalid candidate,
    and are rejected rather than guessed between).
 4. Every requested key must be present, and each value a JSON number (not a string, bool or null)
-   from 0 to 10 inclusive; integers and decimals are both accepted. Out-of-range values are
+   within the rubric's scale (0 to 10, or 1 to 5), bounds included; integers and decimals are both
+   accepted. Out-of-range values are
    rejected, never clamped. Other keys (such as "reasoning") are ignored.
 
 Torch-free: the unit tests run it without the model stack.
@@ -23,10 +24,7 @@ from typing import Annotated
 
 import msgspec
 
-from editstack_scorer.rubric import SCORE_MAX, SCORE_MIN
-
 _FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?(.*?)```", re.DOTALL)
-_Score = Annotated[float, msgspec.Meta(ge=SCORE_MIN, le=SCORE_MAX)]
 
 
 class ReplyRejected(ValueError):
@@ -37,8 +35,8 @@ class ReplyRejected(ValueError):
         self.reason = reason
 
 
-def parse_reply(text: str, keys: tuple[str, ...]) -> dict[str, float]:
-    """The sub-scores named by `keys` from one reply, as floats in 0..10; raises ReplyRejected."""
+def parse_reply(text: str, keys: tuple[str, ...], scale: tuple[int, int] = (0, 10)) -> dict[str, float]:
+    """The sub-scores named by `keys` from one reply, as floats within `scale`; raises ReplyRejected."""
     if not text.strip():
         raise ReplyRejected("empty reply")
     fence = _FENCE.search(text)
@@ -50,7 +48,7 @@ def parse_reply(text: str, keys: tuple[str, ...]) -> dict[str, float]:
             raise ReplyRejected("no JSON object in reply")
         candidate = text[start : end + 1]
     try:
-        reply = msgspec.json.decode(candidate, type=_schema(keys))
+        reply = msgspec.json.decode(candidate, type=_schema(keys, scale))
     except msgspec.ValidationError as e:
         raise ReplyRejected(f"reply does not match the schema: {e}") from e
     except msgspec.DecodeError as e:
@@ -59,6 +57,7 @@ def parse_reply(text: str, keys: tuple[str, ...]) -> dict[str, float]:
 
 
 @cache
-def _schema(keys: tuple[str, ...]) -> type[msgspec.Struct]:
-    """A Struct type requiring each key as a 0-10 number; a rubric has few groups, so these are cached."""
-    return msgspec.defstruct("JudgeReply", [(key, _Score) for key in keys])
+def _schema(keys: tuple[str, ...], scale: tuple[int, int]) -> type[msgspec.Struct]:
+    """A Struct type requiring each key as a number within `scale`; a rubric has few groups, so these are cached."""
+    score = Annotated[float, msgspec.Meta(ge=scale[0], le=scale[1])]
+    return msgspec.defstruct("JudgeReply", [(key, score) for key in keys])

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import msgspec
+
 from editstack.service.settings import LimitSettings
 from editstack.wire.transport import default_endpoint
 from editstack.wire.protocol import JudgeMode
@@ -9,6 +13,11 @@ from editstack.wire.protocol import JudgeMode
 from editstack_scorer.rubric import DEFAULT_RUBRIC
 
 EMBEDDED_MODEL = "embedded-tiny"
+# The area each image is shown to the judge at, by default: what GPT-4o and GPT-4.1 (the judges of the
+# GEdit-Bench, KRIS-Bench, RISEBench and ImgEdit tables) see of a square image in their high-detail
+# mode, which fits an image in 2048 x 2048 and then scales its shortest side to 768 px (OpenAI's
+# vision guide, "Calculating costs"). A real Qwen3-VL reads it as 576 visual tokens, not ~4,000 at 2048².
+JUDGE_IMAGE_PX = 768 * 768
 
 
 class ScorerSettings(LimitSettings, frozen=True):
@@ -23,7 +32,11 @@ class ScorerSettings(LimitSettings, frozen=True):
     dtype: str = "float32"  # float32, bfloat16, float16 or auto
     mode: JudgeMode = "logits"  # default scoring mode: logits or generate (a request may override)
     rubric: str = DEFAULT_RUBRIC  # default rubric id (a request may override)
+    # a folder of the user's own rubric files, <id>.toml: they add rubrics, or replace shipped ones by id
+    rubric_dir: str = ""
     batch_size: int = 4  # items per forward pass
+    # each image is downscaled (aspect kept) to at most this area before the judge sees it; 0 = as sent
+    judge_image_px: Annotated[int, msgspec.Meta(ge=0)] = JUDGE_IMAGE_PX
     max_new_tokens: int = 256  # generate mode: the reply's length limit
     generate_retries: int = 2  # generate mode: extra attempts after an unparseable reply
     threads: int = 0  # torch CPU threads; 0 = torch's default (all cores; two services on one CPU should share)

@@ -55,8 +55,8 @@ class ScorerWorker:
             request_problem = f"field 'mode': unknown mode {mode!r}; known modes: {', '.join(MODES)}"
         else:
             try:
-                rubric = load_rubric(rubric_id)
-            except UnknownRubricError as exc:
+                rubric = load_rubric(rubric_id, self.settings.rubric_dir)
+            except (UnknownRubricError, ValueError) as exc:  # unknown, or a user's file that does not check
                 request_problem = f"field 'rubric': {exc}"
         repeats = request.repeats
         if request_problem is None and not 1 <= repeats <= MAX_REPEATS:
@@ -78,11 +78,19 @@ class ScorerWorker:
                 sources = [read_rgb(item.id, f"sources[{k}]", ref, blobs, self.limits, notes)
                            for k, ref in enumerate(item.sources)]
                 edited = read_rgb(item.id, "edited", item.edited, blobs, self.limits, notes)
+                references = [read_rgb(item.id, f"references[{k}]", ref, blobs, self.limits, notes)
+                              for k, ref in enumerate(item.references)]
+                for field, text in (("reference_text", item.reference_text), ("explanation", item.explanation)):
+                    if len(text) > self.limits.max_instruction_chars:
+                        raise ItemFailure("limit_exceeded", f"item {item.id!r} field {field!r}: {len(text)} "
+                                                            f"characters is over the limit of "
+                                                            f"{self.limits.max_instruction_chars}")
             except ItemFailure as failure:
                 results[index] = ScoreResult(id=item.id, error=failure.error, notes=notes)
                 continue
             jobs.append(self.job_type([PIL.Image.fromarray(s) for s in sources], PIL.Image.fromarray(edited),
-                                      item.instruction))
+                                      item.instruction, [PIL.Image.fromarray(r) for r in references],
+                                      item.reference_text, item.explanation))
             slots.append((index, notes))
 
         size = self.settings.batch_size
@@ -125,8 +133,9 @@ def combine_repeats(verdicts: Sequence[Verdict]) -> Verdict:
         raise ValueError(f"combine_repeats needs at least 2 verdicts, got {len(verdicts)}")
     first = verdicts[0]
     for k, v in enumerate(verdicts, start=1):
-        same = (v.rubric_id, v.rubric_version, v.mode, v.aggregation, set(v.sub_scores))
-        if same != (first.rubric_id, first.rubric_version, first.mode, first.aggregation, set(first.sub_scores)):
+        same = (v.rubric_id, v.rubric_version, v.rubric_sha256, v.mode, v.aggregation, set(v.sub_scores))
+        if same != (first.rubric_id, first.rubric_version, first.rubric_sha256, first.mode, first.aggregation,
+                    set(first.sub_scores)):
             raise ValueError(f"repeat {k} was judged under another rubric, mode or aggregation than repeat 1")
         if v.repeat_overall:
             raise ValueError(f"repeat {k} is itself a combined verdict")
@@ -141,13 +150,14 @@ def combine_repeats(verdicts: Sequence[Verdict]) -> Verdict:
     return msgspec.structs.replace(
         first,
         sub_scores={name: mean([v.sub_scores[name] for v in verdicts]) for name in first.sub_scores},
-        sc=mean([v.sc for v in verdicts]),
-        pq=mean([v.pq for v in verdicts]),
+        sc=None if first.sc is None else mean([v.sc for v in verdicts]),
+        pq=None if first.pq is None else mean([v.pq for v in verdicts]),
         overall=mean([v.overall for v in verdicts]),
         aggregation=f"{first.aggregation}; each score the mean over {len(verdicts)} sampled repeats",
         score_mass={},
         raw=raw,
         attempts=sum(v.attempts for v in verdicts),
+        visual_tokens=sum(v.visual_tokens for v in verdicts),
         repeat_overall=[v.overall for v in verdicts],
         repeat_sub_scores=[dict(v.sub_scores) for v in verdicts],
     )

@@ -2,7 +2,7 @@
 
 A message is one ZeroMQ multipart message::
 
-    frame 0   PROTOCOL_VERSION                    b"editstack/2"
+    frame 0   PROTOCOL_VERSION                    b"editstack/3"
     frame 1   header                              msgpack of one tagged Struct below ("op" names it)
     frame 2+  blobs                               one per image: raw pixels or PNG bytes, referenced
                                                   from the header by ImageRef.frame (0 = frame 2)
@@ -48,6 +48,8 @@ Error codes (`ErrorCode`), one list for both services and the runner:
 Compatibility: adding a field with a default is additive; anything else bumps PROTOCOL_VERSION.
 Version 2: one Verdict type inside ScoreResult, typed Status (no free `details` dict), ErrorCode,
 several source images per item (EditItem.images, ScoreItem.sources).
+Version 3: rubrics of other scales and rules (Verdict.scale, rubric_sha256; sc and pq only under the
+VIEScore rule), and what an item is judged against (ScoreItem.references, reference_text, explanation).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from typing import Literal
 
 import msgspec
 
-PROTOCOL_VERSION = b"editstack/2"
+PROTOCOL_VERSION = b"editstack/3"
 
 ServiceState = Literal["loading", "ready", "failed"]
 ImageEncoding = Literal["raw", "png"]
@@ -120,12 +122,17 @@ class EditRequest(msgspec.Struct, tag="edit", tag_field="op", frozen=True):
 
 
 class ScoreItem(msgspec.Struct, frozen=True):
-    """One judgement: the source images, the edited image and the instruction the edit followed."""
+    """One judgement: the source images, the edited image and the instruction the edit followed, and
+    what the benchmark judges it against: reference images (a ground truth), a reference text (the
+    expected outcome in words) and an explanation (the knowledge the edit should show)."""
 
     id: str
     instruction: str
     sources: list[ImageRef]
     edited: ImageRef | None = None
+    references: list[ImageRef] = []
+    reference_text: str = ""
+    explanation: str = ""
 
 
 class ScoreRequest(msgspec.Struct, tag="score", tag_field="op", frozen=True):
@@ -172,6 +179,8 @@ class ScoreDefaults(msgspec.Struct, frozen=True, kw_only=True):
     batch_size: int = 1  # items per forward pass
     max_new_tokens: int | None = None  # generate mode: the reply's length limit (None: not reported)
     generate_retries: int | None = None  # generate mode: attempts after an unparseable reply
+    judge_image_px: int | None = None  # the area each image is shown to the judge at; 0 = as sent
+    rubric_sha256: str = ""  # the hash of the default rubric's text
     limits: dict[str, int] = {}  # the scorer's limits by setting: max_message_bytes, max_image_px, ...
 
 
@@ -219,11 +228,15 @@ class EditReply(msgspec.Struct, tag="edit_reply", tag_field="op", frozen=True):
 class Verdict(msgspec.Struct, frozen=True, kw_only=True):
     """The judge's verdict on one item, with the rubric that produced it and the judge's raw output.
 
-    `sub_scores` map each rubric question to 0–10; `sc`, `pq` and `overall` follow the rule written
-    in `aggregation`. `score_mass` (logits mode) is the probability the judge put on the answers
-    0..10 before renormalising, per question. `raw` is the judge's own output: in logits mode, per
-    question the 11 probabilities of the answers 0..10; in generate mode, per group the reply texts
-    of every attempt. `attempts` counts generate calls (0 in logits mode).
+    `sub_scores` map each rubric question the item was asked to the rubric's `scale` (lo, hi);
+    `overall` (and `sc`, `pq` under the VIEScore rule, else None) follow the rule written in
+    `aggregation`. `rubric_sha256` is the hash of the rubric file's text. `score_mass` (logits
+    mode) is the probability the judge put on the answers lo..hi before renormalising, per question.
+    `raw` is the judge's own output: in logits mode, per question the probabilities of the answers
+    lo..hi; in generate mode, per group the reply texts of every attempt. `attempts` counts generate
+    calls (0 in logits mode). `visual_tokens` counts the image tokens of every judge input the
+    verdict took (each prompt shows its images again), after the scorer's image budget
+    (ScoreDefaults.judge_image_px); 0 where the judge does not say.
 
     Judged K > 1 times (ScoreRequest.repeats, generate mode): `sub_scores`, `sc`, `pq` and `overall`
     are each the mean over the K repeats (so `overall` is the mean of the repeats' overalls, not
@@ -235,15 +248,18 @@ class Verdict(msgspec.Struct, frozen=True, kw_only=True):
     rubric_version: str
     mode: JudgeMode
     sub_scores: dict[str, float]
-    sc: float
-    pq: float
+    sc: float | None
+    pq: float | None
     overall: float
     aggregation: str
+    rubric_sha256: str = ""
+    scale: tuple[int, int] = (0, 10)
     score_mass: dict[str, float] = {}
     raw: dict[str, list[float | str]] = {}
     attempts: int = 0
     repeat_overall: list[float] = []
     repeat_sub_scores: list[dict[str, float]] = []
+    visual_tokens: int = 0
 
 
 class ScoreResult(msgspec.Struct, frozen=True):
