@@ -71,14 +71,19 @@ def expected_score(distribution: Sequence[float], scale: tuple[int, int] = (0, 1
     return min(lo + math.fsum(k * p for k, p in enumerate(distribution)), float(hi))
 
 
+Need = Literal["explanation", "reference_image", "reference_text"]
+
+
 class Group(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A group of sub-scores: the images its prompts show, its `generate`-mode prompt, and what an
-    item must carry for the group to be asked at all (e.g. a knowledge explanation)."""
+    """A group of sub-scores: the images its prompts show, its `generate`-mode prompt, what an item
+    must carry for the group to be asked (`needs`, e.g. a knowledge explanation), and what makes
+    another group ask in its place (`unless`: the item carries one of these)."""
 
     title: str
     images: tuple[Literal["source", "edited", "reference"], ...]
     prompt: str
-    needs: tuple[Literal["explanation", "reference_image", "reference_text"], ...] = ()
+    needs: tuple[Need, ...] = ()
+    unless: tuple[Need, ...] = ()
 
 
 class Question(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -109,7 +114,8 @@ class Rubric(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def asked(self, has: Set[str]) -> tuple[str, ...]:
         """The groups asked of an item that carries `has` (a subset of NEEDS), in file order."""
-        return tuple(name for name, group in self.groups.items() if set(group.needs) <= has)
+        return tuple(name for name, group in self.groups.items()
+                     if set(group.needs) <= has and not set(group.unless) & has)
 
     @property
     def aggregation(self) -> str:
@@ -217,9 +223,13 @@ def _check(rubric: Rubric, rubric_id: str, name: str) -> None:
     if rubric.aggregation_rule == "viescore" and tuple(rubric.groups) != VIESCORE_GROUPS:
         problems.append(f"the viescore rule needs groups {list(VIESCORE_GROUPS)} in that order, "
                         f"got {list(rubric.groups)}")
-    names = [q.name for q in rubric.questions]
-    if len(set(names)) != len(names):
-        problems.append(f"question names repeat: {names}")
+    # a sub-score may be asked by several groups (variants for items with and without a reference),
+    # but never twice of one item: checked for every combination of what an item may carry
+    for has in ({n for n, bit in zip(NEEDS, f"{k:03b}", strict=True) if bit == "1"} for k in range(2 ** len(NEEDS))):
+        names = [q.name for q in rubric.questions if q.group in rubric.asked(has)]
+        if len(set(names)) != len(names):
+            problems.append(f"an item with {sorted(has) or 'nothing'} beside its instruction would be asked "
+                            f"{sorted(n for n in set(names) if names.count(n) > 1)} twice")
     for q in rubric.questions:
         if q.group not in rubric.groups:
             problems.append(f"question {q.name!r} names unknown group {q.group!r}")

@@ -44,8 +44,13 @@ class EditorConfig(msgspec.Struct, forbid_unknown_fields=True):
     height: AtLeastOne | None = None
 
 
+# the benchmarks' own ways of judging and reporting (runner/protocols.py)
+ProtocolId = Literal["viescore", "gedit", "kris", "rise", "imgedit"]
+
+
 class ScorerConfig(msgspec.Struct, forbid_unknown_fields=True):
-    """How the runner uses the scorer service; None mode/rubric take the service's defaults."""
+    """How the runner uses the scorer service; None mode takes the service's default; None protocol
+    is the dataset's own (viescore for manifests and the sample), and None rubric the protocol's."""
 
     endpoint: str = msgspec.field(default_factory=lambda: default_endpoint("scorer"))
     # items the runner puts in one score request; the scorer's SCORER_BATCH_SIZE is its own,
@@ -55,7 +60,8 @@ class ScorerConfig(msgspec.Struct, forbid_unknown_fields=True):
     retries: NonNegativeInt = 1
     deadline_s: Seconds = 600.0
     mode: JudgeMode | None = None
-    rubric: str | None = None
+    protocol: ProtocolId | None = None
+    rubric: str | None = None  # a rubric other than the protocol's (e.g. one of the scorer's SCORER_RUBRIC_DIR)
     # generate mode: sampled judgements per item (the scorer allows 1..16; more than 1 needs generate mode)
     judge_repeats: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
 

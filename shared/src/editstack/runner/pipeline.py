@@ -49,6 +49,7 @@ from editstack.errors import (
 from editstack.runner.config import RunConfig, to_yaml
 from editstack.runner.datasets import Item, Problem, load_dataset, select, select_problems
 from editstack.runner.files import write_atomic
+from editstack.runner.protocols import PROTOCOLS, protocol_for
 from editstack.runner.report import summary_table, write_reports
 from editstack.runner.runfolder import (
     CONFIG_NAME,
@@ -80,6 +81,7 @@ from editstack.wire.protocol import (
     EditRequest,
     Identity,
     ItemError,
+    ScoreDefaults,
     ScoreItem,
     ScoreRequest,
     Status,
@@ -134,6 +136,10 @@ def run(config: RunConfig) -> int:
         log.info("dataset: %d problem(s) in items outside the selection (listed in the report)", len(unselected))
     if config.strict and problems:
         raise DatasetError(problems)
+    # the benchmark's protocol, and its rubric, unless the config names others; recorded resolved
+    protocol = config.scorer.protocol or protocol_for(items[0].benchmark if items else "")
+    config = msgspec.structs.replace(config, scorer=msgspec.structs.replace(
+        config.scorer, protocol=protocol, rubric=config.scorer.rubric or PROTOCOLS[protocol].rubric))
 
     roles = {} if config.only == "score" else {ep: "editor" for ep in config.editor.endpoints}
     if config.only != "edit":
@@ -352,11 +358,17 @@ class Pipeline:
                     p.sources, source_notes = _load_sources(p.item)
                     p.notes += source_notes
                 edited = p.edited.read_bytes() if isinstance(p.edited, Path) else p.edited
+                references, reference_notes = _load_references(p.item)
+                p.notes += reference_notes
             except (ImageError, OSError) as exc:
                 self._finish(p, "failed", error=_failure("score", ItemError("bad_image", str(exc))))
                 continue
+            texts = {kind: "\n\n".join(r.value for r in p.item.references if r.kind == kind)
+                     for kind in ("text", "explanation")}
             items.append(ScoreItem(id=p.item.id, instruction=p.item.instruction,
-                                   sources=[blobs.add(a) for a in p.sources], edited=blobs.add(edited)))
+                                   sources=[blobs.add(a) for a in p.sources], edited=blobs.add(edited),
+                                   references=[blobs.add(a) for a in references], reference_text=texts["text"],
+                                   explanation=texts["explanation"]))
             sent.append(p)
         if not sent:
             return
@@ -480,9 +492,20 @@ class _Progress:
 
 def _load_sources(item: Item) -> tuple[list[np.ndarray], list[str]]:
     """The item's source images, and a note for each conversion made; ImageError names the field."""
+    several = len(item.sources) > 1
+    return _load_images(item, [(f"sources[{k}]" if several else "source", path) for k, path in enumerate(item.sources)])
+
+
+def _load_references(item: Item) -> tuple[list[np.ndarray], list[str]]:
+    """The item's reference images (what the judge compares the edit with), and a note for each
+    conversion made; ImageError names the field."""
+    images = [Path(r.value) for r in item.references if r.kind == "image"]
+    return _load_images(item, [(f"references[{k}]", path) for k, path in enumerate(images)])
+
+
+def _load_images(item: Item, fields: Sequence[tuple[str, Path]]) -> tuple[list[np.ndarray], list[str]]:
     arrays, notes = [], []
-    for index, path in enumerate(item.sources):
-        field_name = f"sources[{index}]" if len(item.sources) > 1 else "source"
+    for field_name, path in fields:
         try:
             array, note = read_image_file(path)
         except ImageError as exc:
@@ -648,12 +671,23 @@ def _manifest(config: RunConfig, editors: Sequence[Status], scorer: Status | Non
         config=config,
         editors=list(editors),
         scorer=scorer,
-        rubric=RubricInfo(score_defaults.rubric_id, score_defaults.rubric_version) if score_defaults else None,
+        rubric=_rubric_info(config.scorer.rubric, score_defaults),
+        protocol=config.scorer.protocol or "viescore",
         params=RunParams(**params, seed=cfg.seed, seed_rule="item seed = (seed * 1000003 + crc32(item id)) mod 2^31",
                          from_editor_defaults=from_defaults),
         embedded_tiny=EmbeddedTiny(editor=any(s.embedded_tiny for s in editors),
                                    scorer=bool(scorer and scorer.embedded_tiny)),
     )
+
+
+def _rubric_info(rubric_id: str | None, defaults: ScoreDefaults | None) -> RubricInfo | None:
+    """The rubric the run asks for; its version and hash where the scorer said them (its default's),
+    else the verdicts say them."""
+    if defaults is None:
+        return None
+    if rubric_id in (None, defaults.rubric_id):
+        return RubricInfo(defaults.rubric_id, defaults.rubric_version, defaults.rubric_sha256)
+    return RubricInfo(rubric_id, "")
 
 
 def _git_commit() -> str | None:

@@ -123,9 +123,10 @@ class ItemRecord(msgspec.Struct, frozen=True, kw_only=True):
         if self.status == "scored":
             if self.score is None:
                 raise ValueError("status is 'scored' but score is null")
-            for name in ("sc", "pq", "overall"):
-                value = getattr(self.score, name)
-                if not math.isfinite(value):
+            values = {"sc": self.score.sc, "pq": self.score.pq, "overall": self.score.overall,
+                      **{f"sub_scores.{k}": v for k, v in self.score.sub_scores.items()}}
+            for name, value in values.items():
+                if value is not None and not math.isfinite(value):  # sc and pq: None outside VIEScore
                     raise ValueError(f"status is 'scored' but score.{name} is {value}")
         if self.status == "failed" and self.error is None:
             raise ValueError("status is 'failed' but error is null")
@@ -215,7 +216,8 @@ class DatasetInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 class RubricInfo(msgspec.Struct, frozen=True):
     id: str
-    version: str
+    version: str  # "" until a verdict says it, for a rubric other than the scorer's default
+    sha256: str = ""  # the hash of the rubric file's text
 
 
 class EmbeddedTiny(msgspec.Struct, frozen=True):
@@ -267,6 +269,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     editors: list[Status] = []
     scorer: Status | None = None
     rubric: RubricInfo | None = None
+    protocol: str = "viescore"  # how the benchmark judges and reports (runner/protocols.py)
     params: RunParams
     embedded_tiny: EmbeddedTiny = EmbeddedTiny()
     timings: Timings | None = None

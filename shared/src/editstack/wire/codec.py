@@ -304,6 +304,7 @@ def _image_refs(message: Any) -> Iterator[ImageRef]:
             yield from item.sources
             if item.edited is not None:
                 yield item.edited
+            yield from item.references
     elif isinstance(message, EditReply):
         yield from (r.image for r in message.items if r.image is not None)
 
