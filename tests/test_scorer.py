@@ -145,6 +145,29 @@ def test_the_judge_sees_each_image_within_its_pixel_budget_and_counts_its_visual
     assert small.verdict.visual_tokens == 6 * 8 * 8
 
 
+def test_a_benchmark_rubric_asks_each_item_its_own_questions_on_1_to_5_with_every_input_shown(scorer) -> None:
+    blobs = Blobs()
+    knowing = ScoreItem(id="knowing", instruction="add a weight", sources=[blobs.add(SOURCE)],
+                        edited=blobs.add(EDITED[0]), explanation="the heavier side goes down")
+    viewpoint = ScoreItem(id="viewpoint", instruction="show it from above", sources=[blobs.add(SOURCE)],
+                          edited=blobs.add(EDITED[1]), references=[blobs.add(EDITED[2])])
+    logits = scorer.score(ScoreRequest([knowing, viewpoint], mode="logits", rubric="kris"), blobs).items
+    for result in logits:
+        verdict = result.verdict
+        assert verdict.scale == (1, 5) and verdict.rubric_id == "kris" and len(verdict.rubric_sha256) == 64
+        assert all(1 <= v <= 5 for v in verdict.sub_scores.values()) and verdict.sc is None
+        assert all(len(verdict.raw[name]) == 5 for name in verdict.sub_scores)  # P(1..5) per question
+    assert set(logits[0].verdict.sub_scores) == {"visual_consistency", "visual_quality", "instruction_following",
+                                                 "knowledge_plausibility"}
+    # 64 visual tokens per 64² image: consistency shows 2 images, quality 1, and the two knowledge
+    # questions 2 each; the viewpoint's instruction question shows source, edit and ground truth: 3
+    assert logits[0].verdict.visual_tokens == 64 * (2 + 1 + 2 + 2)
+    assert logits[1].verdict.visual_tokens == 64 * (2 + 1 + 3)
+    generate = scorer.score(ScoreRequest([knowing, viewpoint], mode="generate", rubric="kris"), blobs).items
+    for result in generate:  # the random tiny judge never writes the JSON asked for: no number, raw kept
+        assert result.verdict is None and result.error.code == "unparseable_reply" and result.error.raw
+
+
 # ---- repeated judgements, torch-free: the worker on a scripted judge --------------------------
 
 def _verdict(overall: float, sc: float = 4.0, pq: float = 6.0, raw: str = "r") -> Verdict:

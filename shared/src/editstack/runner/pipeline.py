@@ -47,7 +47,7 @@ from editstack.errors import (
     StageFailure,
 )
 from editstack.runner.config import RunConfig, to_yaml
-from editstack.runner.datasets import Item, Problem, load_dataset, select, select_problems
+from editstack.runner.datasets import Item, Problem, Reference, load_dataset, select, select_problems
 from editstack.runner.files import write_atomic
 from editstack.runner.protocols import PROTOCOLS, protocol_for
 from editstack.runner.report import summary_table, write_reports
@@ -198,6 +198,7 @@ class Pipeline:
         self.editors = editors
         self.scorer = scorer
         self.earlier = earlier
+        self.protocol = PROTOCOLS[config.scorer.protocol or "viescore"]
         self.limits = Limits()
         self.to_score: queue.Queue[list[Pending] | None] = queue.Queue(maxsize=config.queue_batches)
         self.busy_s = {"edit": 0.0, "score": 0.0}
@@ -358,13 +359,13 @@ class Pipeline:
                     p.sources, source_notes = _load_sources(p.item)
                     p.notes += source_notes
                 edited = p.edited.read_bytes() if isinstance(p.edited, Path) else p.edited
-                references, reference_notes = _load_references(p.item)
+                given = self.protocol.judge_references(p.item.category, p.item.references)
+                references, reference_notes = _load_references(p.item, given)
                 p.notes += reference_notes
             except (ImageError, OSError) as exc:
                 self._finish(p, "failed", error=_failure("score", ItemError("bad_image", str(exc))))
                 continue
-            texts = {kind: "\n\n".join(r.value for r in p.item.references if r.kind == kind)
-                     for kind in ("text", "explanation")}
+            texts = {kind: "\n\n".join(r.value for r in given if r.kind == kind) for kind in ("text", "explanation")}
             items.append(ScoreItem(id=p.item.id, instruction=p.item.instruction,
                                    sources=[blobs.add(a) for a in p.sources], edited=blobs.add(edited),
                                    references=[blobs.add(a) for a in references], reference_text=texts["text"],
@@ -496,10 +497,10 @@ def _load_sources(item: Item) -> tuple[list[np.ndarray], list[str]]:
     return _load_images(item, [(f"sources[{k}]" if several else "source", path) for k, path in enumerate(item.sources)])
 
 
-def _load_references(item: Item) -> tuple[list[np.ndarray], list[str]]:
-    """The item's reference images (what the judge compares the edit with), and a note for each
-    conversion made; ImageError names the field."""
-    images = [Path(r.value) for r in item.references if r.kind == "image"]
+def _load_references(item: Item, references: Sequence[Reference]) -> tuple[list[np.ndarray], list[str]]:
+    """The reference images among `references` (what the judge compares the edit with), and a note
+    for each conversion made; ImageError names the field."""
+    images = [Path(r.value) for r in references if r.kind == "image"]
     return _load_images(item, [(f"references[{k}]", path) for k, path in enumerate(images)])
 
 

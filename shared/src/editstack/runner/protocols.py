@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from editstack.runner.datasets import Reference
 from editstack.runner.runfolder import ItemRecord
 
 Cell = str | float | int | None
@@ -37,14 +38,21 @@ class Table:
     note: str = ""
 
 
+def _every_reference(category: str, references: Sequence[Reference]) -> list[Reference]:
+    return list(references)
+
+
 @dataclass(frozen=True)
 class Protocol:
-    """A benchmark's way of judging and reporting."""
+    """A benchmark's way of judging and reporting: its rubric, its tables, and which of an item's
+    references its judge is given (by category)."""
 
     id: str
     rubric: str | None  # the scorer's rubric id; None: the scorer's default
     published_judge: str  # who judged the benchmark's published table, and where that is stated
     tables: Callable[[Sequence[ItemRecord]], list[Table]] = field(repr=False)
+    judge_references: Callable[[str, Sequence[Reference]], list[Reference]] = field(default=_every_reference,
+                                                                                   repr=False)
 
 
 def _scored(records: Iterable[ItemRecord]) -> list[ItemRecord]:
@@ -105,6 +113,19 @@ def _gedit_table(title: str, records: Sequence[ItemRecord]) -> Table:
 # score as (s - 1) x 25; per category and per group each dimension's mean over the items; AVG the
 # mean of every dimension value of every item (so a knowledge item, with four, weighs 4/3); knowledge
 # types and the overall are AVG only.
+
+# metrics_knowledge.py judges these ten categories with the explanation (and knowledge plausibility);
+# metrics_view_change.py alone shows the ground-truth image; the other scripts use neither.
+KRIS_KNOWLEDGE_CATEGORIES = frozenset({"abstract_reasoning", "mathematics", "practical_knowledge", "medicine",
+                                       "rule-based_reasoning", "biology", "geography", "chemistry", "humanities",
+                                       "physics"})
+
+
+def kris_references(category: str, references: Sequence[Reference]) -> list[Reference]:
+    """What KRIS-Bench's scripts give the judge of a `category` item."""
+    return [r for r in references if (r.kind == "explanation" and category in KRIS_KNOWLEDGE_CATEGORIES)
+            or (r.kind == "image" and category == "viewpoint_change")]
+
 
 _KRIS_DIMENSIONS = (("VC", "visual_consistency"), ("VQ", "visual_quality"), ("IF", "instruction_following"),
                     ("KP", "knowledge_plausibility"))
@@ -218,7 +239,7 @@ def imgedit_tables(records: Sequence[ItemRecord]) -> list[Table]:
 PROTOCOLS: dict[str, Protocol] = {p.id: p for p in (
     Protocol("viescore", None, "", lambda records: []),
     Protocol("gedit", "viescore", "GPT-4.1 (Step1X-Edit GEdit-Bench/EVAL.md)", gedit_tables),
-    Protocol("kris", "kris", "GPT-4o (Kris_Bench README and metrics scripts)", kris_tables),
+    Protocol("kris", "kris", "GPT-4o (Kris_Bench README and metrics scripts)", kris_tables, kris_references),
     Protocol("rise", "rise", "GPT-4.1 (RISEBench README, gpt_eval.py)", rise_tables),
     Protocol("imgedit", "imgedit", "GPT-4.1 (ImgEdit README leaderboard caption)", imgedit_tables),
 )}
