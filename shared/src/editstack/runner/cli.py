@@ -4,7 +4,7 @@
     editstack edit  ENDPOINT --image IN.png --instruction TEXT [--seed N] [--steps N] ... --out OUT.png
     editstack score ENDPOINT --source A.png --edited B.png --instruction TEXT [--mode logits|generate]
     editstack run   [--config BENCH.yaml] [--categories C ...] [--limit N] [--run-dir DIR]
-                    [--only edit|score] [--edits DIR] [--dataset SPEC] [--strict]
+                    [--only edit|score] [--edits DIR] [--dataset SPEC] [--strict] [--protocol NAME]
                     [--editor ENDPOINT ...] [--scorer ENDPOINT] [--connect-timeout S] [--set KEY=VALUE ...]
     editstack compare RUN RUN [RUN ...] --out DIR [--allow-different-judges]
     editstack judgecheck ENDPOINT --out DIR [--mode M] [--rubric ID] [--cases-per-type N] [--seed N]
@@ -119,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
         "limit_per_category": args.limit_per_category, "run_dir": args.run_dir,
         "only": args.only, "edits": args.edits, "strict": True if args.strict else None,
         "editor.endpoints": args.editor, "scorer.endpoint": args.scorer, "connect_timeout_s": args.connect_timeout,
-        "scorer.judge_repeats": args.judge_repeats,
+        "scorer.judge_repeats": args.judge_repeats, "scorer.protocol": args.protocol,
     }.items() if value is not None}
     logging.getLogger().setLevel(logging.INFO)
     config = load_config(args.config, overrides)
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--strict", action="store_true", help="invalid dataset items are fatal")
     run.add_argument("--editor", action="append", metavar="ENDPOINT", help="editor endpoint (repeat for several)")
     run.add_argument("--scorer", metavar="ENDPOINT", help="scorer endpoint")
+    run.add_argument("--protocol", metavar="NAME", help="judge and report as this benchmark does: gedit, kris, rise, "
+                                                         "imgedit or viescore (default: the dataset's own)")
     run.add_argument("--judge-repeats", type=int, metavar="K",
                      help="generate mode: ask the judge K times per item (sampled, seeded) and report its spread")
     run.add_argument("--connect-timeout", type=float, metavar="S",
