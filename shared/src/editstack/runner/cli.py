@@ -6,6 +6,7 @@
     editstack run   [--config BENCH.yaml] [--categories C ...] [--limit N] [--run-dir DIR]
                     [--only edit|score] [--edits DIR] [--dataset SPEC] [--strict] [--protocol NAME]
                     [--editor ENDPOINT ...] [--scorer ENDPOINT] [--connect-timeout S] [--set KEY=VALUE ...]
+    editstack export RUN --layout gedit|kris|rise|imgedit OUT [--overwrite]
     editstack compare RUN RUN [RUN ...] --out DIR [--allow-different-judges]
     editstack judgecheck ENDPOINT --out DIR [--mode M] [--rubric ID] [--cases-per-type N] [--seed N]
     editstack --version
@@ -14,7 +15,8 @@ Exit status: 0 success (for ping: the service is ready); 1 the service is still 
 failed, or a run finished with failures; 2 usage or configuration error (also: the run folder is
 in use or not writable); 3 a service is unreachable, failed to load its model, or refused the
 request; for compare: 0 the leaderboard was written, 2 a folder is not a run folder or the
-comparison was refused. Container healthchecks call `ping`.
+comparison was refused; for export: 0 every item's edit was written, 1 an item was left out (each is
+listed), 2 the run folder, the layout or OUT was refused. Container healthchecks call `ping`.
 """
 
 from __future__ import annotations
@@ -127,6 +129,18 @@ def _run(args: argparse.Namespace) -> int:
         return run(config)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from editstack.runner.layouts import export_run  # the run folder schema needs yaml: import on use
+
+    summary = export_run(args.run, args.layout, args.out, overwrite=args.overwrite)
+    print(f"exported {len(summary.exported)} item(s) to {summary.out_dir} in the {summary.layout} layout")
+    for label, skipped in (("without an edit (their edit failed)", summary.no_edit),
+                           ("that cannot be read", summary.unreadable)):
+        if skipped:
+            print(f"left out {len(skipped)} item(s) {label}:", *skipped, sep="\n  ", file=sys.stderr)
+    return EXIT_FAILED if summary.no_edit or summary.unreadable else EXIT_OK
+
+
 def _compare(args: argparse.Namespace) -> int:
     from editstack.runner.compare import write_leaderboard  # the run folder schema needs yaml: import on use
 
@@ -189,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--limit-per-category", type=int, metavar="N", help="only the first N items of every category")
     run.add_argument("--run-dir", help="the run folder; an existing one is resumed")
     run.add_argument("--only", choices=["edit", "score"], help="run one stage only")
-    run.add_argument("--edits", help="with --only score: a run folder or a <category>/<id>.png folder")
+    run.add_argument("--edits", help="with --only score: a run folder, a <category>/<id>.png folder, or a "
+                                     "benchmark's own layout (as `editstack export` writes it)")
     run.add_argument("--strict", action="store_true", help="invalid dataset items are fatal")
     run.add_argument("--editor", action="append", metavar="ENDPOINT", help="editor endpoint (repeat for several)")
     run.add_argument("--scorer", metavar="ENDPOINT", help="scorer endpoint")
@@ -202,6 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override any config key, dotted, with a YAML value (e.g. scorer.mode=generate)")
     run.set_defaults(func=_run)
+
+    export = commands.add_parser("export", help="write a run's edits where a benchmark's own evaluation scripts "
+                                                "read them")
+    export.add_argument("run", type=Path, metavar="RUN", help="the run folder")
+    # layouts.LAYOUTS' names, spelt out: the runner's modules need its extras, so they are imported on use
+    export.add_argument("--layout", required=True, choices=["gedit", "kris", "rise", "imgedit"],
+                        help="the benchmark whose layout to write (the run's items must come from it)")
+    export.add_argument("out", type=Path, metavar="OUT", help="the folder the benchmark's scripts take for one model")
+    export.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty OUT, replacing the exported items' files (nothing is removed)")
+    export.set_defaults(func=_export)
 
     compare = commands.add_parser("compare", help="a leaderboard of run folders over the items they all scored")
     compare.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="two or more run folders")

@@ -49,6 +49,7 @@ from editstack.errors import (
 from editstack.runner.config import RunConfig, to_yaml
 from editstack.runner.datasets import Item, Problem, Reference, load_dataset, select, select_problems
 from editstack.runner.files import write_atomic
+from editstack.runner.layouts import find_edit
 from editstack.runner.protocols import PROTOCOLS, protocol_for
 from editstack.runner.report import summary_table, write_reports
 from editstack.runner.runfolder import (
@@ -259,10 +260,8 @@ class Pipeline:
         return ready, to_edit
 
     def _existing_edit_path(self, item: Item) -> Path | None:
-        if self.config.only == "score":
-            root = Path(self.config.edits or "")
-            root = root / "edits" if (root / "edits").is_dir() else root  # a run folder or a plain edits folder
-            return (root / item.category / f"{item.id}.png").resolve()
+        if self.config.only == "score":  # a run folder, an editstack tree or a benchmark's own layout
+            return find_edit(Path(self.config.edits or ""), item)
         earlier = self.earlier.get(item.id)
         if earlier and earlier.status == "edited" and earlier.edit.path and (self.run_dir / earlier.edit.path).is_file():
             return self.run_dir / earlier.edit.path
