@@ -76,7 +76,7 @@ class RunConfig(msgspec.Struct, forbid_unknown_fields=True):
     strict: bool = False
     run_dir: str = "runs/latest"
     only: Literal["edit", "score"] | None = None
-    edits: str | None = None  # with only=score: a run folder or a <category>/<id>.png folder
+    edits: str | None = None  # with only=score: a run folder, a <category>/<id>.png folder or a benchmark layout
     queue_batches: AtLeastOne = 2  # edited batches waiting for the scorer (back-pressure)
     # before a run starts: a service that never answered stops it after connect_timeout_s; one that
     # answers "loading" (a real checkpoint downloading) is waited for up to load_timeout_s
