@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 from PIL import Image
@@ -143,8 +144,14 @@ def find_edit(edits: Path, item: Item) -> Path:
     if (edits / "edits").is_dir():  # a run folder
         return EDITSTACK.edit_path(edits / "edits", item).resolve()
     own = LAYOUTS.get(item.benchmark)
-    layout = own if own is not None and own.marks(edits) else EDITSTACK
+    layout = own if own is not None and _marked(own, edits) else EDITSTACK
     return layout.edit_path(edits, item).resolve()
+
+
+@cache
+def _marked(layout: Layout, root: Path) -> bool:
+    """`layout.marks(root)`, looked at once per folder: a score-only run asks it for every item."""
+    return layout.marks(root)
 
 
 @dataclass
