@@ -6,11 +6,12 @@ editstack distribution itself does not depend on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,25 @@ def video_processor_kwargs(processor_class: type, video_processor_class: str) ->
     import transformers
 
     return {"video_processor": getattr(transformers, video_processor_class)()}
+
+
+@contextlib.contextmanager
+def constructed_on(device: str, dtype: str) -> Iterator[None]:
+    """Modules constructed inside have their parameters made on `device` in `dtype` (a torch dtype
+    name). A real-size model (tens of GB) can only be initialised in reasonable time on a GPU, in the
+    dtype it is served in; cpu and float32, the tiny models' build, change nothing."""
+    if device == "cpu" and dtype == "float32":
+        yield
+        return
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def build_model_folder(out_dir: str | Path, write: Callable[[Path], dict[str, Any]]) -> Path:
