@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import os
+from pathlib import Path
+from typing import Annotated, Literal
 
 import msgspec
 
+from editstack.errors import SettingsError
 from editstack.service.settings import LimitSettings
 from editstack.wire.transport import default_endpoint
 from editstack.wire.protocol import JudgeMode
@@ -41,6 +44,45 @@ class ScorerSettings(LimitSettings, frozen=True):
     generate_retries: int = 2  # generate mode: extra attempts after an unparseable reply
     threads: int = 0  # torch CPU threads; 0 = torch's default (all cores; two services on one CPU should share)
     tiny_dir: str = "~/.cache/editstack/models/tiny-qwen3-vl"  # where embedded-tiny is built
+    # a folder of judgements kept by content and shared across runs (cache.py); "" = no cache
+    cache_dir: str = ""
+    # who judges: a transformers model in this process, or an OpenAI-compatible server (the API_* settings)
+    backend: Literal["transformers", "openai"] = "transformers"
+    api_base: str = ""  # the server's base URL, e.g. https://api.openai.com/v1 or http://vllm-host:8000/v1
+    api_model: str = ""  # the model name the server knows, e.g. gpt-4.1-2025-04-14
+    # the API key: read from this file, else from the environment variable named here (unset: no key)
+    api_key_file: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    api_concurrency: Annotated[int, msgspec.Meta(ge=1)] = 8  # requests in flight at once
+    api_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0  # one request's limit, each retry alike
+    # retries of a request answered 408, 409, 429 or 5xx, or not at all (the openai client's backoff)
+    api_retries: Annotated[int, msgspec.Meta(ge=0)] = 4
+    # how long the service waits at start for the server to answer (a vLLM server may still be loading)
+    api_start_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 900.0
+
+    def api_key(self) -> str:
+        """The API key (SCORER_API_KEY_FILE, else the variable SCORER_API_KEY_ENV names; "" for none).
+        Raises SettingsError naming the file, never showing the key."""
+        if not self.api_key_file:
+            return os.environ.get(self.api_key_env, "").strip()
+        try:
+            key = Path(self.api_key_file).expanduser().read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"SCORER_API_KEY_FILE={self.api_key_file!r}: cannot read it: "
+                                f"{getattr(exc, 'strerror', None) or exc}") from None
+        if not key:
+            raise SettingsError(f"SCORER_API_KEY_FILE={self.api_key_file!r}: the file is empty")
+        return key
+
+    def backend_problem(self) -> str | None:
+        """Why the backend settings do not fit together, or None."""
+        if self.backend == "openai":
+            missing = [f"SCORER_{name.upper()}" for name in ("api_base", "api_model") if not getattr(self, name)]
+            return f"SCORER_BACKEND=openai needs {' and '.join(missing)}" if missing else None
+        if self.api_base:
+            return (f"SCORER_API_BASE is set but SCORER_BACKEND is {self.backend!r}: set SCORER_BACKEND=openai to "
+                    "judge through that server")
+        return None
 
     @property
     def model_folder(self) -> str:

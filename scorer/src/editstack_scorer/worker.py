@@ -3,7 +3,9 @@
 Inputs are checked per item here, with errors naming the item, the field and the value; a
 verdict travels as the judge made it, and a failure is never turned into a number. A repeated
 judgement (ScoreRequest.repeats = K > 1, generate mode) asks the judge K times and sends the mean
-(`combine_repeats`); a repeat that fails fails its item. Torch-free: the judge lives in `judge`.
+(`combine_repeats`); a repeat that fails fails its item. With a judge cache (SCORER_CACHE_DIR), each
+judgement is looked up first and only the misses are asked. Torch-free: the judges live in `judge`
+and `openai_judge`.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ import msgspec
 from editstack.errors import ItemFailure
 from editstack.service.items import item_error, read_rgb, require_instruction
 from editstack.wire.codec import Blobs
-from editstack.wire.protocol import EditRequest, ErrorReply, Reply, ScoreReply, ScoreRequest, ScoreResult, Verdict
+from editstack.wire.protocol import (EditRequest, ErrorReply, Reply, ScoreReply, ScoreRequest, ScoreResult, Usage,
+                                     Verdict)
 
+from editstack_scorer.backend import Meter
+from editstack_scorer.cache import JudgeCache
 from editstack_scorer.rubric import MODES, Rubric, UnknownRubricError, load_rubric
 from editstack_scorer.settings import ScorerSettings
 
@@ -38,11 +43,13 @@ class Judge(Protocol):
 class ScorerWorker:
     """Serves score requests on one loaded judge."""
 
-    def __init__(self, judge: Judge, job_type: type, settings: ScorerSettings) -> None:
+    def __init__(self, judge: Judge, job_type: type, settings: ScorerSettings,
+                 cache: JudgeCache | None = None) -> None:
         self.judge = judge
-        self.job_type = job_type  # judge.ScoreJob, passed in so this module stays torch-free
+        self.job_type = job_type  # backend.ScoreJob, or a test's stand-in
         self.settings = settings
         self.limits = settings.limits
+        self.cache = cache
 
     def handle(self, request: EditRequest | ScoreRequest, blobs: list[memoryview]) -> tuple[Reply, Blobs | None]:
         if not isinstance(request, ScoreRequest):
@@ -88,41 +95,65 @@ class ScorerWorker:
             except ItemFailure as failure:
                 results[index] = ScoreResult(id=item.id, error=failure.error, notes=notes)
                 continue
+            meter = Meter()  # the judge adds each call's cost for this item
             jobs.append(self.job_type([PIL.Image.fromarray(s) for s in sources], PIL.Image.fromarray(edited),
                                       item.instruction, [PIL.Image.fromarray(r) for r in references],
-                                      item.reference_text, item.explanation))
-            slots.append((index, notes))
+                                      item.reference_text, item.explanation, meter))
+            slots.append((index, notes, meter))
 
         size = self.settings.batch_size
         for start in range(0, len(jobs), size):
             chunk = slice(start, start + size)
             started = time.perf_counter()
             if repeats == 1:
-                verdicts = self.judge.score(jobs[chunk], mode, rubric)
+                verdicts, asked = self._ask(jobs[chunk], mode, rubric, None)
             else:
-                verdicts = self._score_repeated(jobs[chunk], mode, rubric, repeats)
+                verdicts, asked = self._score_repeated(jobs[chunk], mode, rubric, repeats)
             per_item_s = (time.perf_counter() - started) / len(verdicts)
-            for (index, notes), verdict in zip(slots[chunk], verdicts, strict=True):
-                results[index] = _result(request.items[index].id, verdict, per_item_s, notes)
+            for (index, notes, meter), verdict, was_asked in zip(slots[chunk], verdicts, asked, strict=True):
+                results[index] = _result(request.items[index].id, verdict, per_item_s, notes,
+                                         meter.usage() if was_asked else None)
         return ScoreReply(items=[r for r in results if r is not None]), None
 
-    def _score_repeated(self, jobs: list, mode: str, rubric: Rubric, repeats: int) -> list[Verdict | ItemFailure]:
+    def _ask(self, jobs: list, mode: str, rubric: Rubric,
+             repeat: int | None) -> tuple[list[Verdict | ItemFailure], list[bool]]:
+        """Each job's judgement from the cache, or else from the judge (and then kept); and per job,
+        whether the judge was asked."""
+        if self.cache is None:
+            return self.judge.score(jobs, mode, rubric, repeat), [True] * len(jobs)
+        keys = [self.cache.key(job, mode, rubric, repeat) for job in jobs]
+        outcomes = [self.cache.get(key) for key in keys]
+        asked = [outcome is None for outcome in outcomes]
+        misses = [i for i in range(len(jobs)) if asked[i]]
+        if misses:
+            for i, outcome in zip(misses, self.judge.score([jobs[i] for i in misses], mode, rubric, repeat),
+                                  strict=True):
+                outcomes[i] = outcome
+                self.cache.put(keys[i], outcome)
+        return outcomes, asked
+
+    def _score_repeated(self, jobs: list, mode: str, rubric: Rubric,
+                        repeats: int) -> tuple[list[Verdict | ItemFailure], list[bool]]:
         """Each job judged `repeats` times, combined; a job whose repeat fails is not asked again, and
-        its failure carries the raw replies of every repeat it had."""
+        its failure carries the raw replies of every repeat it had. Per job too: whether the judge was
+        asked for any of its repeats."""
         done: list[list[Verdict]] = [[] for _ in jobs]
         outcomes: dict[int, Verdict | ItemFailure] = {}
+        asked = [False] * len(jobs)
         for repeat in range(repeats):
             live = [i for i in range(len(jobs)) if i not in outcomes]
             if not live:
                 break
-            for i, out in zip(live, self.judge.score([jobs[i] for i in live], mode, rubric, repeat), strict=True):
+            judged, was_asked = self._ask([jobs[i] for i in live], mode, rubric, repeat)
+            for i, out, this_asked in zip(live, judged, was_asked, strict=True):
+                asked[i] = asked[i] or this_asked
                 if isinstance(out, Verdict):
                     done[i].append(out)
                     continue
                 earlier = [str(text) for v in done[i] for texts in v.raw.values() for text in texts]
                 outcomes[i] = ItemFailure(out.error.code, f"repeat {repeat + 1} of {repeats}: {out.error.message}",
                                           raw=[*earlier, *out.error.raw])
-        return [outcomes.get(i) or combine_repeats(done[i]) for i in range(len(jobs))]
+        return [outcomes.get(i) or combine_repeats(done[i]) for i in range(len(jobs))], asked
 
 
 def combine_repeats(verdicts: Sequence[Verdict]) -> Verdict:
@@ -163,7 +194,9 @@ def combine_repeats(verdicts: Sequence[Verdict]) -> Verdict:
     )
 
 
-def _result(item_id: str, verdict: Verdict | Exception, elapsed_s: float, notes: Sequence[str]) -> ScoreResult:
-    if isinstance(verdict, Verdict):
-        return ScoreResult(id=item_id, verdict=verdict, elapsed_s=elapsed_s, notes=list(notes))
-    return ScoreResult(id=item_id, error=item_error(item_id, verdict), elapsed_s=elapsed_s, notes=list(notes))
+def _result(item_id: str, verdict: Verdict | Exception, elapsed_s: float, notes: Sequence[str],
+            usage: Usage | None) -> ScoreResult:
+    """The item's result; `usage` None: the judge was not asked, the cache answered."""
+    outcome = {"verdict": verdict} if isinstance(verdict, Verdict) else {"error": item_error(item_id, verdict)}
+    return ScoreResult(id=item_id, **outcome, elapsed_s=elapsed_s, notes=list(notes), cached=usage is None,
+                       usage=usage)
