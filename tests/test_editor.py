@@ -163,3 +163,20 @@ def test_a_one_image_model_refuses_a_multi_image_item_with_a_coded_error(start_e
         reply, _ = client.edit(EditRequest(items), blobs)
     assert reply.items[0].error.code == "unsupported" and "takes at most 1" in reply.items[0].error.message
     assert reply.items[1].error is None
+
+
+def test_model_offload_and_float8_layerwise_casting_edit_on_a_cpu_and_are_reported(start_editor) -> None:
+    service = start_editor(offload="model", layerwise_cast="float8_e4m3fn")
+    with Client(service.endpoint, timeout_s=120) as client:
+        defaults = client.ping().edit_defaults
+        reply, received = _edit(client, [SOURCE], seeds=[0], steps=2)
+    assert (defaults.offload, defaults.layerwise_cast) == ("model", "float8_e4m3fn")
+    assert reply.items[0].error is None
+    assert read_image(reply.items[0].image, received, Limits()).shape == (64, 64, 3)
+
+
+def test_group_offload_on_a_cpu_is_refused_at_start_naming_the_setting(start_editor) -> None:
+    service = start_editor(wait=False, offload="group", devices="cuda:0,cpu")
+    assert service.proc.wait(60) == 2
+    assert ("editor: EDITOR_OFFLOAD='group' moves weights between the CPU and an accelerator, but "
+            "EDITOR_DEVICES='cuda:0,cpu' lists 'cpu'") in service.tail()

@@ -29,6 +29,8 @@ from editstack_editor.worker import EditJob
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_STORAGE_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+_OFFLOADS = ("none", "model", "group")
 # The pipelines this module knows how to call, and whether one call may carry several items:
 # QwenImageEditPlusPipeline refuses batch_size > 1 (diffusers 0.39.0).
 _BATCHABLE = {"QwenImageEditPipeline": True, "QwenImageEditPlusPipeline": False}
@@ -52,19 +54,29 @@ class DiffusersEditor:
         *,
         batch_size: int = 1,
         threads: int = 0,
+        offload: str = "none",
+        layerwise_cast: str = "",
     ) -> None:
         """`batch_size`: items per pipeline call where the pipeline can batch. Larger is faster, but an
         item's pixels then depend on its neighbours (padding and kernel choice change the rounding:
         on an H200 hundreds of pixels of a 64x64 edit moved), so resumed or re-batched runs stop
-        reproducing. 1 makes every edit a function of its own job alone."""
+        reproducing. 1 makes every edit a function of its own job alone. `offload` ("none", "model",
+        "group") and `layerwise_cast` (a float8 storage dtype, or "") trade speed for device memory."""
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        if offload not in _OFFLOADS:
+            raise ValueError(f"offload {offload!r} is not one of {_OFFLOADS}")
+        if layerwise_cast and layerwise_cast not in _STORAGE_DTYPES:
+            raise ValueError(f"layerwise_cast {layerwise_cast!r} is not one of {sorted(_STORAGE_DTYPES)}")
         if condition_max_px is not None and condition_max_px < 32 * 32:
             raise ValueError(f"condition_max_px {condition_max_px} is below 32*32, the pipelines' size step")
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size} must be at least 1")
         if threads:
             torch.set_num_threads(threads)
+        if torch.device(device).type == "cuda":
+            # libraries that allocate on the current device (group offloading's CUDA stream) use this one
+            torch.cuda.set_device(device)
         # read the class first: refusing an unsupported model should not cost loading its weights
         pipeline_class = DiffusionPipeline.load_config(model, revision=revision)["_class_name"]
         if pipeline_class not in _BATCHABLE:
@@ -75,11 +87,16 @@ class DiffusersEditor:
         transformers.utils.logging.disable_progress_bar()
 
         started = time.perf_counter()
-        pipe = DiffusionPipeline.from_pretrained(model, revision=revision, torch_dtype=_DTYPES[dtype]).to(device)
+        pipe = DiffusionPipeline.from_pretrained(model, revision=revision, torch_dtype=_DTYPES[dtype])
+        if layerwise_cast:  # before offloading, whose hooks then move the weights in their storage dtype
+            pipe.transformer.enable_layerwise_casting(storage_dtype=_STORAGE_DTYPES[layerwise_cast],
+                                                      compute_dtype=_DTYPES[dtype])
+        _place(pipe, device, offload)
         pipe.set_progress_bar_config(disable=True)
         _cap_condition_area(sys.modules[type(pipe).__module__], condition_max_px)
-        logger.info("loaded %s (%s, revision %s) on %s as %s in %.1f s",
-                    model, pipeline_class, revision, device, dtype, time.perf_counter() - started)
+        logger.info("loaded %s (%s, revision %s) on %s as %s (offload %s, layerwise cast %s) in %.1f s",
+                    model, pipeline_class, revision, device, dtype, offload, layerwise_cast or "off",
+                    time.perf_counter() - started)
 
         self.pipeline_class: str = pipeline_class
         self.backend = f"diffusers/{pipeline_class}"
@@ -181,6 +198,21 @@ class DiffusersEditor:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _place(pipe: DiffusionPipeline, device: str, offload: str) -> None:
+    """Put the pipeline on `device`, or keep its weights on the CPU and move them there as they run."""
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "group":
+        # one block per group, streamed ahead of its use on CUDA. The VAE stays on the device: the
+        # pipelines call vae.encode, not its forward, so block-level hooks leave its conv_in on the CPU
+        # (diffusers 0.39 on an H100: "weight type (CPUBFloat16Type)"), and it is small (0.13 B of ~29 B)
+        pipe.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                                  offload_type="block_level", num_blocks_per_group=1,
+                                  use_stream=torch.device(device).type == "cuda", exclude_modules=["vae"])
+    else:
+        pipe.to(device)
 
 
 def _batch_key(job: EditJob) -> tuple[object, ...]:

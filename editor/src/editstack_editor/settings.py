@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from editstack.errors import SettingsError
 from editstack.service.settings import LimitSettings
 from editstack.wire.transport import default_endpoint
 
@@ -37,7 +40,15 @@ class EditorSettings(LimitSettings, frozen=True):
     # items per pipeline call; > 1 is faster but makes an item's pixels depend on its batch
     # neighbours, so a resumed or re-batched run no longer reproduces bytes; 1 keeps them exact
     batch_size: int = 1
-    threads: int = 0  # torch CPU threads; 0 = torch's default (all cores; two services on one CPU should share)
+    # torch CPU threads of each worker process; 0 = torch's default (all cores; two services on one CPU should share)
+    threads: int = 0
+    # where the weights wait between uses, for GPUs too small for the model: "model" moves each
+    # component to the device while it runs (diffusers' enable_model_cpu_offload), "group" each group
+    # of blocks (diffusers' group offloading, block_level, with a CUDA stream): least memory, slowest
+    offload: Literal["none", "model", "group"] = "none"
+    # the transformer's weights stored in this dtype, cast to EDITOR_DTYPE layer by layer as it runs
+    # (diffusers' enable_layerwise_casting): about half the memory of bfloat16; "" = off
+    layerwise_cast: Literal["", "float8_e4m3fn", "float8_e5m2"] = ""
     tiny_dir: str = "~/.cache/editstack/models/tiny-qwen-image-edit"  # where embedded-tiny is built
 
     @property
@@ -62,3 +73,13 @@ class EditorSettings(LimitSettings, frozen=True):
     @property
     def device_list(self) -> list[str]:
         return [d.strip() for d in self.devices.split(",") if d.strip()]
+
+    def check(self) -> EditorSettings:
+        """These settings, or SettingsError for a combination no worker could load."""
+        cpus = [device for device in self.device_list if device.startswith("cpu")]
+        if self.offload == "group" and cpus:
+            # diffusers 0.39's group offloading needs an accelerator: on a CPU-only machine it raises
+            # AttributeError ('NoneType' object has no attribute 'type') at its first block
+            raise SettingsError(f"EDITOR_OFFLOAD='group' moves weights between the CPU and an accelerator, but "
+                                f"EDITOR_DEVICES={self.devices!r} lists {cpus[0]!r} (use 'none' or 'model' there)")
+        return self

@@ -1,4 +1,5 @@
-"""One editor worker: turns an edit request into jobs for its backend and the results into a reply.
+"""One editor worker: turns an edit request into jobs for its backend and the results into a reply,
+and how a worker process loads one.
 
 Everything that can be checked without the model is checked here, per item, with errors naming
 the item, the field and the value. Torch-free: the diffusers backend lives in `pipeline`.
@@ -18,8 +19,9 @@ from editstack.wire.codec import Blobs, Limits
 from editstack.wire.protocol import EditItem, EditReply, EditRequest, EditResult, ErrorReply, Reply, ScoreRequest
 from editstack.errors import ItemFailure
 from editstack.service.items import item_error, read_rgb, require_instruction
+from editstack.service.process import embedded_model
 
-from editstack_editor.settings import EditorSettings
+from editstack_editor.settings import EMBEDDED_MODEL, IDENTITY_MODEL, EditorSettings
 
 MAX_STEPS = 1000
 
@@ -144,6 +146,21 @@ class EditorWorker:
             raise ItemFailure("bad_param", f"item {item.id!r}: output {width}x{height} is over the limit of "
                                            f"{self.limits.max_image_px} pixels")
         return width, height
+
+
+def load_worker(settings: EditorSettings, device: str) -> tuple[EditorWorker, str]:
+    """The worker on `device` with its model loaded, and its backend's name (run in its worker process)."""
+    if settings.model == IDENTITY_MODEL:
+        backend: Backend = IdentityBackend()
+    else:
+        from editstack_editor import tiny
+        from editstack_editor.pipeline import DiffusersEditor  # the one module that imports torch
+
+        model = embedded_model(settings.tiny_dir, tiny.build) if settings.model == EMBEDDED_MODEL else settings.model
+        backend = DiffusersEditor(model, settings.revision or None, device, settings.dtype, settings.condition_cap_px,
+                                  batch_size=settings.batch_size, threads=settings.threads, offload=settings.offload,
+                                  layerwise_cast=settings.layerwise_cast)
+    return EditorWorker(backend, settings), backend.backend
 
 
 def _param_problem(steps: int, guidance: float) -> str | None:

@@ -1,5 +1,6 @@
 """A service process: its entry point and life (loading, failed, stopping), what it says about
-itself, and its embedded tiny model."""
+itself, and its embedded tiny model. Its model workers run in its threads (`loaders`) or in child
+processes it supervises (`processes`, editstack.service.workers)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,20 @@ import threading
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zmq
 
+from editstack.errors import SettingsError
 from editstack.service.tinymodels import TINY_MARKER
 from editstack.wire.codec import Limits
 from editstack.wire.protocol import Status
+from editstack.wire.curve import ServerSecurity
+from editstack.wire.rendezvous import publish
 from editstack.wire.transport import Server, Worker, claim_ipc_path
+
+if TYPE_CHECKING:  # workers imports this module: its child processes configure logging and name load failures
+    from editstack.service.workers import WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,7 @@ _LOAD_FAILURES = (
 )
 _OUT_OF_MEMORY_TEXTS = ("out of memory", "not enough memory")  # CUDA's and torch's CPU allocator's words
 _MAX_CAUSE_CHARS = 500
+_LOADER_JOIN_S = 1.0
 
 
 def package_versions(*packages: str) -> dict[str, str]:
@@ -83,32 +92,51 @@ def load_failure_cause(exc: BaseException) -> str:
     return cause
 
 
-def run_service(endpoint: str, limits: Limits, status: Callable[[Server], Status],
-                loaders: Sequence[Callable[[], Worker]]) -> int:
-    """Configure logging, bind `endpoint`, load the workers in the background and serve until
-    SIGTERM or SIGINT. Returns the exit status: 0 after a stop, 1 after a stop when the model had
-    failed to load (the service stayed up meanwhile, saying why), 2 when the endpoint is taken.
-
-    Workers load one after another (each serves as soon as it is loaded): model libraries patch
-    global state while loading (accelerate's empty-weights context), so concurrent loads collide.
-    """
+def configure_logging() -> None:
+    """Log to stderr at EDITSTACK_LOG_LEVEL (default INFO), one event per line; once per process."""
     logging.basicConfig(level=os.environ.get("EDITSTACK_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def run_service(endpoint: str, limits: Limits, status: Callable[[Server], Status],
+                loaders: Sequence[Callable[[], Worker]] = (), *, processes: Sequence[WorkerProcess] = (),
+                security: ServerSecurity = ServerSecurity(), rendezvous: str = "") -> int:
+    """Configure logging, bind `endpoint`, load the workers in the background and serve until
+    SIGTERM or SIGINT. Returns the exit status: 0 after a stop, 1 after a stop when the model had
+    failed to load (the service stayed up meanwhile, saying why), 2 when the endpoint is taken or
+    cannot be secured (`security`: a tcp endpoint's CURVE keys). With a `rendezvous` folder, the
+    endpoint bound is published there (editstack.wire.rendezvous).
+
+    Workers load one after another, `loaders` in this process, then `processes` each in its own
+    child (each serves as soon as it is loaded): model libraries patch global state while loading
+    (accelerate's empty-weights context), so concurrent loads collide, and N copies of a model in
+    host memory at once could exhaust it. A stop stops the children too.
+    """
+    configure_logging()
     holder = claim_ipc_path(endpoint)
     if holder is not None:
         log.error("not starting: %s is held by %s", endpoint, holder)
         return 2
-    server = Server(endpoint, lambda: status(server), limits)
+    server = Server(endpoint, lambda: status(server), limits, security=security)
     try:
         server.bind()
+        if rendezvous:
+            publish(Path(rendezvous), status(server).service, server.endpoint, security)
     except (zmq.ZMQError, OSError) as exc:  # a tcp port in use, an ipc folder this user cannot create or write
         log.error("not starting: cannot bind %s: %s", endpoint, exc)
         return 2
-    loader = threading.Thread(target=_load, args=(server, loaders), name="loader", daemon=True)
+    except SettingsError as exc:  # tcp without keys, or unusable key files
+        log.error("not starting: %s", exc)
+        return 2
+    loader = threading.Thread(target=_load, args=(server, loaders, processes), name="loader", daemon=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stopped.set())
     loader.start()
     server.run()
+    for process in processes:
+        process.stop()
+    if processes:  # the loader only waits on children, all gone now: it ends at once
+        loader.join(_LOADER_JOIN_S)
     exit_status = 0 if server.failure is None else 1
     if server.busy or loader.is_alive():
         # a thread inside model code cannot be interrupted, and interpreter shutdown under it aborts
@@ -120,13 +148,22 @@ def run_service(endpoint: str, limits: Limits, status: Callable[[Server], Status
     return exit_status
 
 
-def _load(server: Server, loaders: Sequence[Callable[[], Worker]]) -> None:
+def fail_service(server: Server, cause: str) -> None:
+    """Put the server in the failed state: ping says `cause` from now on, and so does the log's last line."""
+    server.fail(cause)
+    log.error("failed to load: %s", cause)
+
+
+def _load(server: Server, loaders: Sequence[Callable[[], Worker]], processes: Sequence[WorkerProcess]) -> None:
     """Load the workers in turn; on a failure the server enters the failed state, saying why."""
     try:
         for make in loaders:
             server.add_worker(make())
     except Exception as exc:
         log.exception("the model failed to load")  # the whole traceback, once
-        cause = load_failure_cause(exc)
-        server.fail(cause)
-        log.error("failed to load: %s", cause)  # the last line: what ping says from now on
+        fail_service(server, load_failure_cause(exc))
+        return
+    for process in processes:
+        if server.failure is not None or server.stopped.is_set():
+            return
+        process.start(server)
