@@ -4,12 +4,15 @@ a fraction of a second; test_runner.py runs the same paths against the real serv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +26,10 @@ from editstack.runner.config import load_config
 from editstack.runner.pipeline import run
 from editstack.runner.runfolder import RESULTS_NAME, SCHEMA_VERSION, Journal, RunFolderLock, read_manifest
 
-from fakes import (FAIL_MARK, FAKE_AGGREGATION, FakeScorerWorker, fake_pq, fake_sc, fake_scorer_status,
-                   fake_services)
+from editstack.service.echo import EchoWorker
+from editstack.wire.codec import Limits
+from fakes import (FAIL_MARK, FAKE_AGGREGATION, FakeScorerWorker, echo_status, fake_pq, fake_sc, fake_scorer_status,
+                   fake_services, in_process_service)
 
 
 @pytest.fixture
@@ -245,3 +250,97 @@ def test_judge_repeats_reach_the_scorer_and_the_report_shows_the_judges_spread(t
     assert 0 < spread["ALL"]["judge_share"] < 1
     assert "## Judge spread" in (tmp_path / "run" / "report.md").read_text()
     assert "<h2>Judge spread</h2>" in (tmp_path / "run" / "report.html").read_text()
+
+
+# ---- work that moves between endpoints ---------------------------------------------------------
+
+def _journal_lines(run_dir: Path) -> Counter:
+    """How many journal lines each item id has (exactly once is the rule)."""
+    lines = (run_dir / RESULTS_NAME).read_text().splitlines()
+    return Counter(json.loads(line)["id"] for line in lines if line)
+
+
+def _use(run_dir: Path) -> dict[str, tuple[int, int]]:
+    return {u.endpoint: (u.items, u.failed_attempts) for u in read_manifest(run_dir).endpoints}
+
+
+def test_a_dead_editors_batch_moves_to_the_live_one_and_every_item_is_recorded_once(tmp_path, sockets) -> None:
+    dataset = _dataset(tmp_path / "data", {f"i{n}": "make it blue" for n in range(24)})
+    slow, fast = f"ipc://{sockets}/slow.sock", f"ipc://{sockets}/fast.sock"
+    with fake_services(sockets) as services, \
+            in_process_service(fast, echo_status, EchoWorker(Limits(), delay_s=0.25, delay_count=100)), \
+            in_process_service(slow, echo_status, EchoWorker(Limits(), delay_s=0.6, delay_count=100)) as dying:
+        # the slow editor dies while it holds its second batch (0.6 s to 1.2 s), a dozen batches before the end
+        threading.Timer(0.9, dying.stopped.set).start()
+        started = time.monotonic()
+        code = run(_config(tmp_path, services, dataset, **{"editor.endpoints": [slow, fast],
+                                                           "editor.items_per_request": 2, "editor.deadline_s": 30}))
+        elapsed = time.monotonic() - started
+    assert code == 0 and elapsed < 15, f"{elapsed:.1f}s: the batch waited for its endpoint instead of moving"
+    assert _journal_lines(tmp_path / "run") == {f"i{n}": 1 for n in range(24)}
+    records = Journal(tmp_path / "run" / RESULTS_NAME).load().records
+    assert {r.status for r in records.values()} == {"scored"}
+    use = _use(tmp_path / "run")
+    assert use[slow] == (2, 1), "the slow editor served one batch, then failed with its second in flight"
+    assert use[fast] == (22, 0) and use[services["scorer"]] == (24, 0)
+
+
+def test_an_endpoint_that_comes_back_takes_work_again(tmp_path, sockets) -> None:
+    dataset = _dataset(tmp_path / "data", {f"i{n}": "make it blue" for n in range(6)})
+    editor = f"ipc://{sockets}/only.sock"
+    with fake_services(sockets) as services:
+        outage = in_process_service(editor, echo_status, EchoWorker(Limits(), delay_s=0.5, delay_count=100))
+        outage.__enter__()
+        stopped = threading.Event()
+
+        def restart() -> None:  # down with a batch in flight, back 1.5 s later
+            outage.__exit__(None, None, None)
+            stopped.set()
+
+        threading.Timer(0.8, restart).start()
+        with contextlib.ExitStack() as stack:
+            def back() -> None:
+                stopped.wait(10)
+                time.sleep(1.5)
+                stack.enter_context(in_process_service(editor, echo_status, EchoWorker(Limits())))
+
+            returning = threading.Thread(target=back)
+            returning.start()
+            code = run(_config(tmp_path, services, dataset, **{"editor.endpoints": [editor], "editor.items_per_request": 2,
+                                                               "editor.deadline_s": 20}))
+            returning.join(15)
+    assert code == 0 and stopped.is_set()
+    assert _journal_lines(tmp_path / "run") == {f"i{n}": 1 for n in range(6)}
+    items, failed_attempts = _use(tmp_path / "run")[editor]
+    assert items == 6 and failed_attempts >= 1
+
+
+def test_several_scorers_share_the_items_and_each_is_scored_once(tmp_path, sockets) -> None:
+    dataset = _dataset(tmp_path / "data", {f"i{n}": "make it blue" for n in range(10)})
+    second = f"ipc://{sockets}/scorer2.sock"
+    first_judge, second_judge = FakeScorerWorker(delay_s=0.2), FakeScorerWorker(delay_s=0.2)
+    with fake_services(sockets, scorer_worker=first_judge) as services, \
+            in_process_service(second, fake_scorer_status, second_judge):
+        code = run(_config(tmp_path, services, dataset, **{"scorer.endpoints": [services["scorer"], second],
+                                                           "scorer.items_per_request": 1}))
+    assert code == 0 and _journal_lines(tmp_path / "run") == {f"i{n}": 1 for n in range(10)}
+    assert first_judge.requests >= 1 and second_judge.requests >= 1
+    assert set(first_judge.items).isdisjoint(second_judge.items) and len(first_judge.items) + len(second_judge.items) == 10
+    use = _use(tmp_path / "run")
+    assert use[services["scorer"]][0] == len(first_judge.items) and use[second][0] == len(second_judge.items)
+
+
+def test_a_batch_no_endpoint_serves_fails_after_the_deadline_with_the_last_cause(tmp_path, sockets) -> None:
+    dataset = _dataset(tmp_path / "data", {f"i{n}": "make it blue" for n in range(4)})
+    editor = f"ipc://{sockets}/gone.sock"
+    with fake_services(sockets) as services:
+        with in_process_service(editor, echo_status, EchoWorker(Limits(), delay_s=0.5, delay_count=100)) as dying:
+            threading.Timer(0.3, dying.stopped.set).start()
+            started = time.monotonic()
+            code = run(_config(tmp_path, services, dataset, **{"editor.endpoints": [editor], "editor.items_per_request": 2,
+                                                               "editor.deadline_s": 2}))
+            elapsed = time.monotonic() - started
+    assert code == 1 and elapsed < 8
+    records = Journal(tmp_path / "run" / RESULTS_NAME).load().records
+    assert len(records) == 4 and {(r.error.stage, r.error.code) for r in records.values()} == {("edit", "service_unavailable")}
+    assert all("no endpoint served it" in r.error.message for r in records.values())

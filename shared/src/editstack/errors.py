@@ -6,6 +6,7 @@
     ├── ImageError                  one image cannot be decoded or converted (an item error)
     ├── ItemFailure                 a service cannot serve one item: carries its ItemError
     ├── ServiceUnavailable          no reply from an endpoint within the client's deadline
+    ├── AuthenticationRefused       a tcp endpoint refused this client's CURVE key (or the keys do not match)
     ├── ServiceNotReady             the runner's services did not all become ready (one line each)
     ├── RemoteError                 the service answered with an error reply (code + message)
     ├── StageFailure                the runner gave up on a whole batch: carries the ItemError
@@ -94,6 +95,14 @@ class ServiceUnavailable(EditstackError):
         self.endpoint = endpoint
         self.attempts = attempts
         self.elapsed_s = elapsed_s
+
+
+class AuthenticationRefused(EditstackError):
+    """`endpoint` failed the CURVE handshake: it does not admit this client's key, or one side has no keys."""
+
+    def __init__(self, endpoint: str, detail: str) -> None:
+        super().__init__(f"authentication refused by {endpoint}: {detail}")
+        self.endpoint = endpoint
 
 
 class ServiceNotReady(EditstackError):

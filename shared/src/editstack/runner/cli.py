@@ -9,6 +9,7 @@
     editstack export RUN --layout gedit|kris|rise|imgedit OUT [--overwrite]
     editstack compare RUN RUN [RUN ...] --out DIR [--allow-different-judges]
     editstack judgecheck ENDPOINT --out DIR [--mode M] [--rubric ID] [--cases-per-type N] [--seed N]
+    editstack keys  DIR
     editstack --version
 
 Exit status: 0 success (for ping: the service is ready); 1 the service is still loading, an item
@@ -160,6 +161,18 @@ def _judgecheck(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from editstack.wire.curve import make_key_set
+
+    try:
+        made = make_key_set(args.folder)
+    except FileExistsError as exc:
+        raise ConfigError(str(exc)) from None
+    for path in made:
+        print(path)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="editstack", description="Benchmark image editors with a VLM judge.")
     parser.add_argument("--version", action="version", version=f"editstack {editstack.__version__}")
@@ -247,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--connect-timeout", type=float, default=60.0, metavar="S",
                        help="stop (exit 3) when the scorer has not answered within S seconds")
     check.set_defaults(func=_judgecheck)
+
+    keys = commands.add_parser("keys", help="make CURVE key pairs for tcp services and their runner (secret files 0600)",
+                               description="DIR/server.key_secret and DIR/clients/ are the services' CURVE_SECRET_KEY "
+                                           "and CURVE_CLIENTS; DIR/client.key_secret and DIR/server.key the runner's "
+                                           "curve.client_key and curve.server_key")
+    keys.add_argument("folder", type=Path, metavar="DIR", help="where to write them (created 0700; never overwritten)")
+    keys.set_defaults(func=_keys)
     return parser
 
 

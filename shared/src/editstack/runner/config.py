@@ -49,10 +49,11 @@ ProtocolId = Literal["viescore", "gedit", "kris", "rise", "imgedit"]
 
 
 class ScorerConfig(msgspec.Struct, forbid_unknown_fields=True):
-    """How the runner uses the scorer service; None mode takes the service's default; None protocol
+    """How the runner uses the scorer services; None mode takes the service's default; None protocol
     is the dataset's own (viescore for manifests and the sample), and None rubric the protocol's."""
 
-    endpoint: str = msgspec.field(default_factory=lambda: default_endpoint("scorer"))
+    endpoint: str = msgspec.field(default_factory=lambda: default_endpoint("scorer"))  # one scorer
+    endpoints: list[str] = []  # several scorers sharing the items; empty = [endpoint]
     # items the runner puts in one score request; the scorer's SCORER_BATCH_SIZE is its own,
     # separate per-forward-pass size (how many of those items one model call judges)
     items_per_request: AtLeastOne = 4
@@ -64,6 +65,29 @@ class ScorerConfig(msgspec.Struct, forbid_unknown_fields=True):
     rubric: str | None = None  # a rubric other than the protocol's (e.g. one of the scorer's SCORER_RUBRIC_DIR)
     # generate mode: sampled judgements per item (the scorer allows 1..16; more than 1 needs generate mode)
     judge_repeats: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
+
+    def __post_init__(self) -> None:
+        if not self.endpoints:
+            self.endpoints = [self.endpoint]
+        elif self.endpoint == default_endpoint("scorer"):  # recorded as the first, not a socket nobody uses
+            self.endpoint = self.endpoints[0]
+
+
+class CurveConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The runner's keys for tcp services that require CURVE (`editstack keys DIR` makes both files);
+    paths only: no key is ever written into a run folder."""
+
+    client_key: str | None = None  # the runner's key pair, e.g. DIR/client.key_secret
+    server_key: str | None = None  # the services' public key, e.g. DIR/server.key (rendezvous entries bring theirs)
+
+
+class RendezvousConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Services that publish their endpoints in a folder (a Slurm job's): the runner waits for this
+    many of each there, up to connect_timeout_s, and uses them instead of the configured endpoints."""
+
+    folder: str | None = None
+    editors: AtLeastOne = 1
+    scorers: AtLeastOne = 1
 
 
 class RunConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -84,6 +108,8 @@ class RunConfig(msgspec.Struct, forbid_unknown_fields=True):
     load_timeout_s: Seconds = 3600.0
     editor: EditorConfig = msgspec.field(default_factory=EditorConfig)
     scorer: ScorerConfig = msgspec.field(default_factory=ScorerConfig)
+    curve: CurveConfig = msgspec.field(default_factory=CurveConfig)
+    rendezvous: RendezvousConfig = msgspec.field(default_factory=RendezvousConfig)
 
 
 def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
@@ -116,11 +142,21 @@ def _check_combinations(config: RunConfig, source: str) -> None:
     """What msgspec's per-field constraints cannot say: endpoint schemes and rules across keys."""
     endpoints = {f"editor.endpoints[{i}]": endpoint for i, endpoint in enumerate(config.editor.endpoints)}
     endpoints["scorer.endpoint"] = config.scorer.endpoint
+    endpoints |= {f"scorer.endpoints[{i}]": endpoint for i, endpoint in enumerate(config.scorer.endpoints)}
     for key, endpoint in endpoints.items():
         try:
             check_endpoint(endpoint)
         except ValueError as exc:
             raise ConfigError(f"{source}: {key}: {exc}") from exc
+    if config.scorer.endpoint not in (default_endpoint("scorer"), *config.scorer.endpoints):
+        raise ConfigError(f"{source}: scorer.endpoint {config.scorer.endpoint!r} is not among scorer.endpoints: "
+                          "set one of them")
+    curve = config.curve
+    if curve.server_key and not curve.client_key:
+        raise ConfigError(f"{source}: curve.server_key needs curve.client_key (the runner's .key_secret file)")
+    if curve.client_key and not (curve.server_key or config.rendezvous.folder):
+        raise ConfigError(f"{source}: curve.client_key needs curve.server_key (the services' .key file) or a "
+                          "rendezvous.folder whose services publish theirs")
     if (config.editor.width is None) != (config.editor.height is None):
         raise ConfigError(f"{source}: editor.width and editor.height must be set together "
                           f"(got width={config.editor.width}, height={config.editor.height})")

@@ -7,6 +7,7 @@ that cannot load (`--fail-load MESSAGE`) and slow requests (`--delay-s` for the 
 
     python -m editstack.service.echo ipc:///tmp/echo.sock [--load-s S] [--fail-load MESSAGE]
                                                            [--delay-s S --delay-count N]
+    python -m editstack.service.echo tcp://127.0.0.1:PORT --curve-secret-key F --curve-clients DIR | --insecure-tcp
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from editstack.wire.codec import Blobs, Limits, read_image
 from editstack.errors import ImageError
 from editstack.wire.protocol import EditReply, EditRequest, EditResult, ErrorReply, ItemError, Reply, ScoreRequest, Status
 from editstack.service.process import run_service
+from editstack.wire.curve import ServerSecurity
 from editstack.wire.transport import Server
 
 
@@ -64,6 +66,9 @@ def main() -> int:
     parser.add_argument("--max-message-bytes", type=int, default=Limits.max_message_bytes)
     parser.add_argument("--max-image-px", type=int, default=Limits.max_image_px)
     parser.add_argument("--max-batch", type=int, default=Limits.max_batch)
+    parser.add_argument("--curve-secret-key", default="", help="tcp: the service's .key_secret file")
+    parser.add_argument("--curve-clients", default="", help="tcp: the folder of client .key files admitted")
+    parser.add_argument("--insecure-tcp", action="store_true", help="tcp without CURVE, on purpose")
     args = parser.parse_args()
     limits = Limits(args.max_message_bytes, args.max_image_px, args.max_batch)
 
@@ -78,7 +83,8 @@ def main() -> int:
             raise RuntimeError("the echo model failed to load") from OSError(args.fail_load)
         return EchoWorker(limits, args.delay_s, args.delay_count)
 
-    return run_service(args.endpoint, limits, status, [load])
+    return run_service(args.endpoint, limits, status, [load],
+                       security=ServerSecurity(args.curve_secret_key, args.curve_clients, args.insecure_tcp))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,15 @@ import msgspec.inspect
 
 from editstack.errors import SettingsError
 from editstack.wire.codec import Limits
+from editstack.wire.curve import ServerSecurity
 
 log = logging.getLogger(__name__)
 S = TypeVar("S", bound="LimitSettings")
 
 
 class LimitSettings(msgspec.Struct, frozen=True):
-    """The limits every service enforces, as <PREFIX>MAX_* settings; a service's settings extend it."""
+    """The limits every service enforces, as <PREFIX>MAX_* settings, and how it secures a tcp endpoint
+    and where it says where it listens; a service's settings extend it."""
 
     # PREFIX_* names that are not the service's settings but are read around it (compose reserves
     # EDITOR_GPU_IDS), so they are not reported as misspelt settings
@@ -34,10 +36,22 @@ class LimitSettings(msgspec.Struct, frozen=True):
     max_image_px: int = Limits.max_image_px
     max_batch: int = Limits.max_batch
     max_instruction_chars: int = Limits.max_instruction_chars
+    # a tcp endpoint's CURVE keys (editstack.wire.curve): the service's .key_secret file, and the
+    # folder of client .key files it admits; without them tcp is refused unless insecure_tcp is true
+    curve_secret_key: str = ""
+    curve_clients: str = ""
+    insecure_tcp: bool = False
+    # a folder where the service publishes the endpoint it bound (and its public key) for a runner to
+    # find, e.g. the run folder's rendezvous/ on a Slurm cluster (editstack.wire.rendezvous); "" = none
+    rendezvous: str = ""
 
     @property
     def limits(self) -> Limits:
         return Limits(self.max_message_bytes, self.max_image_px, self.max_batch, self.max_instruction_chars)
+
+    @property
+    def security(self) -> ServerSecurity:
+        return ServerSecurity(self.curve_secret_key, self.curve_clients, self.insecure_tcp)
 
 
 def settings_from_env(cls: type[S], prefix: str, environ: Mapping[str, str] | None = None) -> S:

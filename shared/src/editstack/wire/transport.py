@@ -7,18 +7,24 @@ refuses what is malformed with an ErrorReply, and queues work for the workers (b
 hand replies back over an inproc socket; the main thread alone touches the ROUTER. An exception
 while handling one request fails that request with an error reply, never the server. A work
 request still queued `deadline_s` after it arrived is answered "expired" without being started.
+A worker taken off with `remove_worker` (its model is reloading) takes no more work until added again.
 After `fail(cause)` (the model cannot load) ping says "failed" with the cause and work is refused.
 A stop takes no more requests, drops the queued ones, and passes on busy workers' replies for up
 to `stop_drain_s`.
 
 An ipc socket is owner-only (0600), in a folder the server creates 0700 when it is missing; the
-default endpoints are in a per-user private folder (`default_endpoint`).
+default endpoints are in a per-user private folder (`default_endpoint`). A tcp endpoint requires
+CURVE keys unless its security says insecure on purpose (editstack.wire.curve); a tcp port of `*`
+binds a free port, and `endpoint` then names the bound one.
 
 Client: Lazy Pirate (ZeroMQ guide, ch. 4): send, poll with a timeout, and on timeout close the
 REQ socket (linger 0), reopen it and resend, a bounded number of times, then raise
 ServiceUnavailable naming the endpoint. A socket monitor ends the wait early when the connection
 drops (the service died or restarted), so a crash is noticed in milliseconds, not after the
 timeout. Every wait has a timeout, and a call may have a wall-time budget over all its attempts.
+A client that has somewhere else to send (the runner's shared queue) passes resend_on_drop=False:
+a dropped connection then ends the call at once. The monitor also sees a failed CURVE handshake,
+which raises AuthenticationRefused at once instead of "no reply".
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from editstack.wire.codec import Blobs, Limits, decode_reply, decode_request, encode
-from editstack.errors import EditstackError, ProtocolError, RemoteError, ServiceUnavailable
+from editstack.errors import AuthenticationRefused, EditstackError, ProtocolError, RemoteError, ServiceUnavailable
+from editstack.wire.curve import ClientKeys, ServerSecurity
 from editstack.wire.protocol import (
     EditReply,
     EditRequest,
@@ -118,8 +125,10 @@ class Server:
     """Serves one endpoint: pings from the main thread, work on the workers added with `add_worker`."""
 
     def __init__(self, endpoint: str, status: Callable[[], Status], limits: Limits, max_queued: int = 64,
-                 stop_drain_s: float = 5.0) -> None:
+                 stop_drain_s: float = 5.0, security: ServerSecurity = ServerSecurity()) -> None:
         self.endpoint = check_endpoint(endpoint)
+        self.security = security
+        self._authenticator: Any = None  # zmq.auth's, while a CURVE endpoint is bound
         self.limits = limits
         self.stop_drain_s = stop_drain_s
         self._status = status
@@ -129,7 +138,8 @@ class Server:
         # (envelope, request, blobs, arrival time on the monotonic clock)
         self._work: queue.Queue[tuple[list[bytes], Any, list[memoryview], float] | None] = queue.Queue()
         self._replies_endpoint = f"inproc://editstack-replies-{id(self)}"
-        self._threads: list[threading.Thread] = []
+        self._threads: dict[Worker, threading.Thread] = {}  # the serving workers, each with its thread
+        self._started = 0  # worker threads ever started (under _busy_lock: supervisors add workers concurrently)
         self._busy = 0  # read by the main thread for pings; an int store is atomic under the GIL
         self._busy_lock = threading.Lock()
         self._failure: str | None = None
@@ -151,9 +161,17 @@ class Server:
 
     def add_worker(self, worker: Worker) -> None:
         """Start serving work on `worker` (callable once its model is loaded, from any thread)."""
-        thread = threading.Thread(target=self._work_loop, args=(worker,), name=f"worker-{len(self._threads)}", daemon=True)
-        self._threads.append(thread)
+        with self._busy_lock:
+            thread = threading.Thread(target=self._work_loop, args=(worker,), name=f"worker-{self._started}",
+                                      daemon=True)
+            self._started += 1
+        self._threads[worker] = thread
         thread.start()
+
+    def remove_worker(self, worker: Worker) -> None:
+        """Stop serving work on `worker` (from any thread; nothing when it is not serving): its current
+        request is still answered, and a request it takes after this goes back to the queue."""
+        self._threads.pop(worker, None)
 
     def fail(self, cause: str) -> None:
         """Enter the failed state (from any thread): ping answers state "failed" with `cause` as its
@@ -162,14 +180,19 @@ class Server:
 
     def bind(self) -> None:
         """Bind the endpoint (`run` does it when not done yet). An ipc socket's folder is created 0700
-        when missing, and the socket is made owner-only."""
+        when missing, and the socket is made owner-only; a tcp one is secured (SettingsError when it
+        cannot be), and `endpoint` names the port bound."""
         frontend = self._context.socket(zmq.ROUTER)
         frontend.setsockopt(zmq.LINGER, 0)
         path = _socket_file(self.endpoint)
         try:
             if path is not None:
                 path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if self.endpoint.startswith("tcp://"):
+                self._authenticator = self.security.apply(frontend, self.endpoint)
             frontend.bind(self.endpoint)
+            if self.endpoint.startswith("tcp://"):
+                self.endpoint = frontend.last_endpoint.decode()  # tcp://host:* -> the port bound
             if path is not None:
                 # connect(2) needs write permission on the socket file. bind made it with the umask's
                 # mode, 0755 under the usual 022, which already keeps other users out until this narrows
@@ -177,8 +200,14 @@ class Server:
                 path.chmod(0o600)
         except BaseException:
             frontend.close(linger=0)
+            self._stop_authenticator()
             raise
         self._frontend = frontend
+
+    def _stop_authenticator(self) -> None:
+        if self._authenticator is not None:
+            self._authenticator.stop()
+            self._authenticator = None
 
     def run(self) -> None:
         """Serve until `stopped` is set, then drain. Malformed input is answered or logged, never fatal."""
@@ -200,11 +229,12 @@ class Server:
                     self._on_request(frontend, frontend.recv_multipart(copy=False))
             self._drain(frontend, replies)
         finally:
-            for _ in self._threads:
+            for _ in range(self._started):  # one each: a removed worker's thread may still wait on the queue
                 self._work.put(None)
             frontend.close(linger=0)
             replies.close(linger=0)
             self._frontend = None
+            self._stop_authenticator()
 
     def _drain(self, frontend: zmq.Socket, replies: zmq.Socket) -> None:
         """After a stop: drop the queued work (its clients resend), and pass on the replies of busy
@@ -264,8 +294,12 @@ class Server:
     def _work_loop(self, worker: Worker) -> None:
         replies = self._context.socket(zmq.PUSH)
         replies.connect(self._replies_endpoint)
+        me = threading.current_thread()
         try:
-            while (job := self._work.get()) is not None:
+            while self._threads.get(worker) is me and (job := self._work.get()) is not None:
+                if self._threads.get(worker) is not me:  # removed while waiting: the job is the others'
+                    self._work.put(job)
+                    break
                 envelope, request, blobs, arrived = job
                 with self._busy_lock:
                     if self.stopped.is_set():  # a stopping server starts nothing new
@@ -308,12 +342,17 @@ class Client:
     """A Lazy Pirate REQ client of one endpoint; not thread-safe (one per thread)."""
 
     def __init__(self, endpoint: str, timeout_s: float = 30.0, retries: int = 2,
-                 miss_log_level: int = logging.WARNING) -> None:
+                 miss_log_level: int = logging.WARNING, curve: ClientKeys | None = None,
+                 resend_on_drop: bool = True) -> None:
         """`miss_log_level`: how loudly a missed reply is logged; a caller polling a service that may
-        not be up yet (waiting for it to start) passes DEBUG and says what it waits for itself."""
+        not be up yet (waiting for it to start) passes DEBUG and says what it waits for itself.
+        `curve`: the keys for a CURVE endpoint. `resend_on_drop`: False ends a call at once with
+        ServiceUnavailable when the connection drops, for a caller that resends elsewhere."""
         self.endpoint = check_endpoint(endpoint)
         self.timeout_s = timeout_s
         self.retries = retries
+        self.curve = curve
+        self.resend_on_drop = resend_on_drop
         self._miss_level = miss_log_level
         self._context = zmq.Context.instance()
         self._socket: zmq.Socket | None = None
@@ -338,19 +377,22 @@ class Client:
             socket, monitor = self._connect()
             socket.send_multipart(encode(_with_deadline(message, wait_s), blobs), copy=False)
             outcome = self._await_reply(socket, monitor, wait_s)
-            if outcome is not None:
+            if isinstance(outcome, list):
                 reply, reply_blobs = decode_reply(outcome)
                 if isinstance(reply, ErrorReply):
                     raise RemoteError(self.endpoint, reply.code, reply.message, reply.retryable)
                 return reply, reply_blobs
             self._reset()
             log.log(self._miss_level, "no reply from %s (attempt %d of %d)", self.endpoint, attempt, self.retries + 1)
+            if outcome == "dropped" and not self.resend_on_drop:
+                raise ServiceUnavailable(self.endpoint, attempt, time.monotonic() - start)
         else:
             raise ServiceUnavailable(self.endpoint, self.retries + 1, time.monotonic() - start)
         raise ServiceUnavailable(self.endpoint, attempt - 1, time.monotonic() - start, budget_s)
 
-    def _await_reply(self, socket: zmq.Socket, monitor: zmq.Socket, wait_s: float) -> list[zmq.Frame] | None:
-        """The reply's frames, or None after wait_s or when the connection drops."""
+    def _await_reply(self, socket: zmq.Socket, monitor: zmq.Socket, wait_s: float) -> list[zmq.Frame] | str:
+        """The reply's frames, or "timeout" after wait_s, or "dropped" when the connection drops;
+        AuthenticationRefused when the CURVE handshake fails."""
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
@@ -359,11 +401,17 @@ class Client:
             events = dict(poller.poll(left_s * 1000))
             if socket in events:
                 return socket.recv_multipart(copy=False)
-            if monitor in events and recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED:
+            if monitor not in events:
+                continue
+            event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_DISCONNECTED:
                 log.log(self._miss_level, "connection to %s dropped while waiting for a reply", self.endpoint)
-                return None
+                return "dropped"
+            self._reset()
+            raise AuthenticationRefused(self.endpoint, _HANDSHAKE_FAILURES[event] if self.curve else
+                                        "it requires CURVE, and this client has no keys for it")
         log.log(self._miss_level, "no reply from %s within %.1fs", self.endpoint, wait_s)
-        return None
+        return "timeout"
 
     def ping(self, budget_s: float | None = None) -> Status:
         reply, _ = self.request(Ping(), budget_s=budget_s)
@@ -394,7 +442,11 @@ class Client:
             # ZMTP heartbeats: a peer that vanished without closing (a host gone) shows as a disconnect
             socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
             socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
-            self._monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            if self.curve is not None:
+                self.curve.apply(socket)
+            # ipc has no security handshake: one that fails there is a peer dying mid-connect, not a refusal
+            events = zmq.EVENT_DISCONNECTED | (_HANDSHAKE_FAILED if self.endpoint.startswith("tcp://") else 0)
+            self._monitor = socket.get_monitor_socket(events)
             socket.connect(self.endpoint)
             self._socket = socket
         return self._socket, self._monitor
@@ -405,6 +457,17 @@ class Client:
             self._monitor.close(linger=0)
             self._socket.close(linger=0)
             self._socket = None
+
+
+# what a failed CURVE handshake means, by the monitor event that reports it (libzmq >= 4.3)
+_HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "it does not admit this client's key (add the client's .key file to its "
+                                     "CURVE_CLIENTS folder)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the handshake failed: a plain tcp service, or another protocol",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the handshake failed: is this the service's public key?",
+}
+_HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | \
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 
 def _expect(reply: Reply, kind: type, endpoint: str) -> Any:
