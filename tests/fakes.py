@@ -20,6 +20,7 @@ from editstack.wire.protocol import (
     ItemError,
     Reply,
     ScoreDefaults,
+    ScoreItem,
     ScoreReply,
     ScoreRequest,
     ScoreResult,
@@ -27,6 +28,7 @@ from editstack.wire.protocol import (
     Verdict,
 )
 from editstack.wire.transport import Server, Worker
+from editstack_scorer.rubric import Rubric, known_rubrics, load_rubric
 from editstack_scorer.worker import combine_repeats
 
 FAKE_AGGREGATION = "fake: sc = crc32(id) mod 11, pq = 5, overall = sqrt(sc * pq)"
@@ -44,11 +46,15 @@ def fake_pq(repeat: int, repeats: int) -> float:
 
 class FakeScorerWorker:
     """A fake judge: sc from the item id, pq 5, a model_error for instructions holding FAIL_MARK; asked
-    for K > 1 repeats, repeat r has pq `fake_pq(r, K)`, combined by the real scorer's rule.
-    `delay_s` makes every request slow; `drop_last` breaks the protocol by leaving out a result."""
+    for K > 1 repeats, repeat r has pq `fake_pq(r, K)`, combined by the real scorer's rule. Asked for
+    a shipped rubric by name, it answers every question that rubric asks of the item with an integer
+    from the item id and question name, aggregated by the real rubric. `items` keeps every item it
+    was sent; `delay_s` makes every request slow; `drop_last` breaks the protocol by leaving out a
+    result."""
 
     def __init__(self, delay_s: float = 0.0, drop_last: bool = False) -> None:
         self.requests = 0
+        self.items: dict[str, ScoreItem] = {}
         self.delay_s = delay_s
         self.drop_last = drop_last
 
@@ -62,6 +68,10 @@ class FakeScorerWorker:
             if FAIL_MARK in item.instruction:
                 results.append(ScoreResult(id=item.id, error=ItemError("model_error", f"item {item.id!r}: fake failure")))
                 continue
+            self.items[item.id] = item
+            if request.rubric in known_rubrics():
+                results.append(ScoreResult(id=item.id, verdict=_rubric_verdict(load_rubric(request.rubric), item)))
+                continue
             sc = fake_sc(item.id)
             verdicts = [Verdict(rubric_id="fake", rubric_version="1", mode=request.mode or "logits",
                                 sub_scores={"sc": sc, "pq": pq}, sc=sc, pq=pq, overall=(sc * pq) ** 0.5,
@@ -70,6 +80,16 @@ class FakeScorerWorker:
             verdict = verdicts[0] if len(verdicts) == 1 else combine_repeats(verdicts)
             results.append(ScoreResult(id=item.id, verdict=verdict, elapsed_s=0.001))
         return ScoreReply(items=results[:-1] if self.drop_last else results), None
+
+
+def _rubric_verdict(rubric: Rubric, item: ScoreItem) -> Verdict:
+    has = {need for need, present in (("explanation", item.explanation), ("reference_image", item.references),
+                                      ("reference_text", item.reference_text)) if present}
+    asked = rubric.asked(has)
+    lo, hi = rubric.scale
+    sub_scores = {q.name: float(lo + zlib.crc32(f"{item.id} {q.name}".encode()) % (hi - lo + 1))
+                  for q in rubric.questions if q.group in asked}
+    return rubric.result(mode="generate", sub_scores=sub_scores, raw={}, asked=asked)
 
 
 def echo_status(server: Server) -> Status:
@@ -88,8 +108,15 @@ def fake_scorer_status(server: Server) -> Status:
 def in_process_service(endpoint: str, status: Callable[[Server], Status], worker: Worker) -> Iterator[Server]:
     """`worker` served on `endpoint` by the real server loop, in a thread of this process."""
     server = Server(endpoint, lambda: status(server), Limits(), stop_drain_s=0)  # a test does not wait for replies
+    with serving(server, worker):
+        yield server
+
+
+@contextmanager
+def serving(server: Server, worker: Worker) -> Iterator[Server]:
+    """`server` (bound already, or bound by its loop) serving `worker` in a thread until the block ends."""
     server.add_worker(worker)
-    thread = threading.Thread(target=server.run, name=f"fake-{endpoint}", daemon=True)
+    thread = threading.Thread(target=server.run, name=f"fake-{server.endpoint}", daemon=True)
     thread.start()
     try:
         yield server

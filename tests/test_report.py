@@ -1,12 +1,12 @@
-"""Run reports: the tables' numbers, the tiny-model banner, a self-contained gallery, pandas-readable
-summaries, and a journal whose last line a crash tore."""
+"""Run reports: the tables' numbers, the tiny-model banner, a gallery of pages per category with
+thumbnail files, rewrites that leave unchanged files alone, pandas-readable summaries, and a journal
+whose last line a crash tore."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -19,7 +19,8 @@ from PIL import Image
 
 from editstack.errors import RunFolderError
 from editstack.runner.config import RunConfig
-from editstack.runner.report import TINY_BANNER, write_reports
+from editstack.runner import report
+from editstack.runner.report import TINY_BANNER, ThumbnailWriter, write_reports
 from editstack.runner.runfolder import (
     SCHEMA_VERSION,
     DatasetInfo,
@@ -121,6 +122,19 @@ def _summary(run: Path) -> dict[str, dict[str, Any]]:
     return {row["category"]: row for row in json.loads((run / "summary.json").read_text())}
 
 
+def _gallery(run: Path) -> dict[str, list[str]]:
+    """The gallery pages report.html links to, by category (in the order it lists them): their texts."""
+    index = (run / "report.html").read_text()
+    rows = re.findall(r"<tr><td>([^<]*)</td><td class=\"n\">\d+</td><td>(.*?)</td></tr>", index.split("<h2>Gallery</h2>")[1])
+    return {category: [(run / href).read_text() for href in re.findall(r'href="([^"]+)"', links)]
+            for category, links in rows}
+
+
+def _stamps(run: Path) -> dict[str, tuple[int, int]]:
+    """Every file of the run folder with its inode and mtime: a rewrite (temp file + rename) changes both."""
+    return {str(p.relative_to(run)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+
+
 def test_summary_counts_failures_and_averages_scored_items_only(tmp_path: Path) -> None:
     run = _fake_run(tmp_path)
     write_reports(run)
@@ -206,24 +220,102 @@ def test_banner_appears_only_when_embedded_tiny_models_produced_the_run(tmp_path
     assert json.loads(paths.summary_meta.read_text())["embedded_tiny"] == {"editor": tiny_editor, "scorer": tiny_scorer}
 
 
-def test_html_gallery_is_self_contained_with_thumbnails_and_a_placeholder_for_a_missing_edit(tmp_path: Path) -> None:
+def test_gallery_pages_show_thumbnail_files_and_a_placeholder_for_a_missing_edit(tmp_path: Path) -> None:
     run = _fake_run(tmp_path)
-    page = write_reports(run).html.read_text()
-    sources = re.findall(r'src="([^"]*)"', page)
-    assert sources and all(s.startswith("data:image/") for s in sources)
-    text = re.sub(r'src="data:[^"]*"', "", page)  # base64 could spell anything
-    assert "http" not in text and "href=" not in text and "url(" not in text
+    index = write_reports(run).html.read_text()
+    assert index.index("mean overall") < index.index("<h2>Gallery</h2>"), "the summary table comes first"
+    gallery = _gallery(run)
+    assert list(gallery) == ["color", "style", "zoom"] and all(len(pages) == 1 for pages in gallery.values())
+    pages = [page for pages in gallery.values() for page in pages]
+    thumbs = [src for page in pages for src in re.findall(r'src="([^"]*)"', page)]
     # 6 items: 6 sources; edits of c1, c2, c3, z2 exist, s1 failed before editing, z1's file is missing
-    assert len(sources) == 6 + 4
-    assert page.count('<div class="ph">missing</div>') == 1
-    assert page.count('<div class="ph">no edit</div>') == 1
-    for uri in set(sources):
-        with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as thumb:
-            assert max(thumb.size) == 256 and {thumb.size} <= {(256, 128), (128, 256)}
-    assert "edit c1 &lt;nicely&gt; &amp; well" in page, "text is escaped"
-    assert "failed at score: unparseable_reply" in page and "SC <b>4.00</b> · PQ <b>6.00</b>" in page
-    assert page.index("<h2>color</h2>") < page.index("<h2>style</h2>") < page.index("<h2>zoom</h2>")
-    assert page.index("mean overall") < page.index("<h2>color</h2>"), "the summary table comes first"
+    assert len(thumbs) == 6 + 4 and all(src.startswith("../thumbs/") for src in thumbs)
+    for page in [index, *pages]:
+        assert "data:" not in page and "http" not in page and "url(" not in page
+    # the source the six items share is one file
+    assert len(set(thumbs)) == 1 + 4 and sorted(p.name for p in (run / "thumbs").iterdir()) == sorted(
+        src.removeprefix("../thumbs/") for src in set(thumbs))
+    for src in set(thumbs):
+        with Image.open(run / "gallery" / src) as thumb:
+            assert thumb.format == "JPEG" and {thumb.size} <= {(256, 128), (128, 256)}
+    assert sum(page.count('<div class="ph">missing</div>') for page in pages) == 1
+    assert gallery["style"][0].count('<div class="ph">no edit</div>') == 1
+    [color] = gallery["color"]
+    assert "edit c1 &lt;nicely&gt; &amp; well" in color, "text is escaped"
+    assert "failed at score: unparseable_reply" in color and "SC <b>4.00</b> · PQ <b>6.00</b>" in color
+    assert '<a href="../report.html">' in color
+
+
+def test_a_category_over_the_page_bound_gets_numbered_pages_all_linked(tmp_path: Path, monkeypatch) -> None:
+    run = _fake_run(tmp_path)
+    monkeypatch.setattr(report, "PAGE_ITEMS", 2)
+    write_reports(run)
+    first, second = _gallery(run)["color"]
+    assert "<b>c1</b>" in first and "<b>c2</b>" in first and "<b>c3</b>" not in first
+    assert "<b>c3</b>" in second and "<b>c1</b>" not in second
+    names = sorted(p.name for p in (run / "gallery").glob("color-*.html"))
+    assert len(names) == 2 and f'href="{names[1]}"' in first and f'href="{names[0]}"' in second
+    assert (len(_gallery(run)["zoom"]), len(_gallery(run)["style"])) == (1, 1)
+    monkeypatch.setattr(report, "PAGE_ITEMS", 500)
+    write_reports(run)
+    assert len(_gallery(run)["color"]) == 1 and len(list((run / "gallery").glob("color-*.html"))) == 1, \
+        "a page no category has any more is removed"
+
+
+def test_a_second_write_with_nothing_changed_rewrites_no_file(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path)
+    write_reports(run)
+    before = _stamps(run)
+    write_reports(run)
+    assert _stamps(run) == before
+
+
+def test_a_new_item_rewrites_its_own_category_page_only(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path)
+    write_reports(run)
+    before = _stamps(run)
+    extra = _record("z9", "zoom", "failed", error=("edit", "bad_image", "unreadable"), source=tmp_path / "data" / "wide.png")
+    text = (run / "results.jsonl").read_text()
+    (run / "results.jsonl").write_text(text[:text.rindex("\n") + 1] + _line(extra) + "\n")
+    write_reports(run)
+    changed = {name for name, stamp in _stamps(run).items() if before.get(name) != stamp}
+    assert {name for name in changed if name.startswith("gallery/")} == {
+        next(name for name in before if name.startswith("gallery/zoom-"))}
+    assert not any(name.startswith("thumbs/") for name in changed), "its source's thumbnail was made already"
+    assert "summary.json" in changed and "<b>z9</b>" in _gallery(run)["zoom"][0]
+
+
+def test_a_thumbnail_is_reused_while_newer_than_its_image_and_made_again_after(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path)
+    write_reports(run)
+    before = _stamps(run)
+    edit = run / "edits" / "color" / "c1.png"
+    Image.new("RGB", (300, 600), (0, 200, 0)).save(edit)
+    later = max(mtime_ns for _, mtime_ns in before.values()) + 10**9  # newer than any thumbnail
+    os.utime(edit, ns=(later, later))
+    write_reports(run)
+    changed = {name for name, stamp in _stamps(run).items() if before.get(name) != stamp}
+    # the page names the same thumbnail file, so only the thumbnail itself is new
+    assert changed == {"edits/color/c1.png", next(name for name in changed if name.startswith("thumbs/"))}
+    [thumb] = [name for name in changed if name.startswith("thumbs/")]
+    with Image.open(run / thumb) as image:
+        assert image.convert("RGB").getpixel((64, 128))[1] > 150, "the new edit's thumbnail"
+
+
+def test_thumbnail_writer_makes_an_items_thumbnails_that_the_report_then_reuses(tmp_path: Path, caplog) -> None:
+    run = _fake_run(tmp_path)
+    (run / "edits" / "zoom" / "z1.png").write_bytes(b"not a png")
+    records = {r.id: r for r in report._read_run(run).records}
+    writer = ThumbnailWriter(run)
+    for item_id in ("c1", "z1"):
+        writer.add(records[item_id])
+    writer.close()
+    made = _stamps(run)
+    assert len([name for name in made if name.startswith("thumbs/")]) == 2, "c1's edit and the shared source"
+    assert "edits/zoom/z1.png is unreadable" in caplog.text
+    write_reports(run)
+    assert all(_stamps(run)[name] == stamp for name, stamp in made.items() if name.startswith("thumbs/"))
+    assert '<div class="ph">unreadable</div>' in _gallery(run)["zoom"][0], "a thumbnail failure is a placeholder"
 
 
 def test_torn_last_line_is_ignored_but_a_bad_middle_line_is_reported(tmp_path: Path) -> None:
@@ -266,11 +358,16 @@ def test_summary_files_read_with_pandas_as_they_are(tmp_path: Path) -> None:
 def test_reports_are_written_atomically_and_rewritten_identically(tmp_path: Path) -> None:
     run = _fake_run(tmp_path)
     paths = write_reports(run)
-    first = {path.name: path.read_bytes() for path in paths}
-    assert set(first) == {"report.md", "report.html", "summary.json", "summary.csv", "summary.meta.json"}
+    assert {path.name for path in paths} == {"report.md", "report.html", "summary.json", "summary.csv",
+                                             "summary.meta.json", "gallery"}
+    first = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    for path in (run / "gallery").iterdir():
+        path.unlink()
+    for path in paths[:-1]:
+        path.unlink()
     write_reports(run)
-    assert {path.name: path.read_bytes() for path in paths} == first
-    leftovers = [p.name for p in run.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == first
+    leftovers = [p.name for p in run.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
     assert leftovers == []
 
 
@@ -279,6 +376,7 @@ def test_command_rewrites_the_reports_of_a_run_folder(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "editstack.runner.report", str(run)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert (run / "report.html").is_file() and str(run / "report.md") in done.stdout
+    assert len(_gallery(run)) == 3
     refused = subprocess.run([sys.executable, "-m", "editstack.runner.report", str(tmp_path / "data")],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "manifest.json: not found" in refused.stderr
@@ -296,7 +394,7 @@ def test_items_edited_but_not_scored_count_in_items_only(tmp_path: Path) -> None
     color = _summary(run)["color"]
     assert (color["items"], color["scored"], color["failed"], color["sc_mean"]) == (4, 2, 1, 6.0)
     assert "1 item(s) were edited but not scored" in paths.markdown.read_text()
-    assert "edited, not scored" in paths.html.read_text()
+    assert "edited, not scored" in _gallery(run)["color"][0]
 
 
 def test_markdown_report_escapes_html_in_ids_and_categories(tmp_path: Path) -> None:

@@ -106,6 +106,29 @@ def test_a_torn_last_line_is_dropped_and_the_rest_is_kept(tmp_path: Path) -> Non
     assert list(contents.records) == ["a"] and contents.torn_last_line and not contents.problems
 
 
+def test_a_journal_that_holds_exactly_its_records_is_not_rewritten_on_resume(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "results.jsonl")
+    for item_id in ("a", "b"):
+        journal.append(_record(item_id))
+
+    def stamp() -> tuple[int, int]:  # a rewrite (temp file + rename) makes a new inode
+        info = journal.path.stat()
+        return info.st_ino, info.st_mtime_ns
+
+    before = stamp()
+    journal.rewrite(journal.load().records.values())
+    assert stamp() == before
+    journal.rewrite([_record("b")])  # a record dropped (a failed item to retry): rewritten
+    assert stamp() != before and list(journal.load().records) == ["b"]
+    with open(journal.path, "ab") as out:
+        out.write(msgspec.json.encode(_record("c"))[:50])  # a crash mid-append
+    journal.rewrite(journal.load().records.values())
+    assert journal.path.read_bytes().endswith(b"\n") and not journal.load().torn_last_line, \
+        "a torn last line goes, so the next append starts a line of its own"
+    journal.append(_record("d"))
+    assert list(journal.load().records) == ["b", "d"]
+
+
 def test_a_scored_record_needs_finite_scores_and_a_failed_one_its_cause() -> None:
     with pytest.raises(ValueError, match="score is null"):
         _record(score=None)

@@ -1,12 +1,15 @@
 """The runner: a dataset in, edits and scores pipelined through the services, a run folder out.
 
-    dataset ─► batches ─► edit threads (one per editor worker, all endpoints) ─► edits/…png
-                                     │ bounded queue (back-pressure)
+    dataset ─► edit queue ─► edit threads (one per editor worker, all endpoints) ─► edits/…png
+                                     │ score queue, bounded (back-pressure)
                                      ▼
-                              score thread ─► scorer ─► results.jsonl ─► reports
+                              score threads (one per scorer worker) ─► results.jsonl ─► reports
 
-Batch k is scored while batch k+1 is edited. A service that stops answering is retried until the
-stage's deadline; then the batch's items are recorded as failed with the cause and the run goes on.
+Batch k is scored while batch k+1 is edited. Each stage's endpoints take batches from one shared
+queue (runner.workqueue): a batch whose endpoint stops answering goes back to the queue for the
+others, and the endpoint is pinged until it answers again. Only when no endpoint served a batch
+within the stage's deadline are its items recorded as failed with the cause; the run goes on.
+Services that publish themselves in a rendezvous folder (a Slurm job's) are waited for there.
 Resume: items with a complete record are skipped; failed ones are dropped from the journal and
 retried, so every item has exactly one record at the end. A failure never becomes a score.
 """
@@ -17,15 +20,15 @@ import contextlib
 import datetime as dt
 import errno
 import logging
+import math
 import os
-import queue
 import subprocess
 import sys
 import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -36,6 +39,7 @@ from tqdm import tqdm
 
 import editstack
 from editstack.errors import (
+    AuthenticationRefused,
     ConfigError,
     DatasetError,
     ImageError,
@@ -44,6 +48,7 @@ from editstack.errors import (
     RunFolderError,
     ServiceNotReady,
     ServiceUnavailable,
+    SettingsError,
     StageFailure,
 )
 from editstack.runner.config import RunConfig, to_yaml
@@ -51,7 +56,7 @@ from editstack.runner.datasets import Item, Problem, Reference, load_dataset, se
 from editstack.runner.files import write_atomic
 from editstack.runner.layouts import find_edit
 from editstack.runner.protocols import PROTOCOLS, protocol_for
-from editstack.runner.report import summary_table, write_reports
+from editstack.runner.report import ThumbnailWriter, summary_table, write_reports
 from editstack.runner.runfolder import (
     CONFIG_NAME,
     RESULTS_NAME,
@@ -61,6 +66,7 @@ from editstack.runner.runfolder import (
     EditOutcome,
     Elapsed,
     EmbeddedTiny,
+    EndpointUse,
     Failure,
     ItemRecord,
     ItemStatus,
@@ -86,8 +92,12 @@ from editstack.wire.protocol import (
     ScoreItem,
     ScoreRequest,
     Status,
+    Usage,
     Verdict,
 )
+from editstack.runner.workqueue import Job, WorkQueue
+from editstack.wire.curve import ClientKeys, read_public_key
+from editstack.wire.rendezvous import Published, wait_published
 from editstack.wire.transport import Client
 
 log = logging.getLogger(__name__)
@@ -109,6 +119,7 @@ class Pending:
     notes: list[str] = field(default_factory=list)
     editor: Identity | None = None  # None: an existing edit, made by whatever made it
     edit_s: float = 0.0
+    references: list[np.ndarray] | None = field(default=None, repr=False)  # read when first scored
 
 
 def item_seed(base_seed: int, item_id: str) -> int:
@@ -142,12 +153,22 @@ def run(config: RunConfig) -> int:
     config = msgspec.structs.replace(config, scorer=msgspec.structs.replace(
         config.scorer, protocol=protocol, rubric=config.scorer.rubric or PROTOCOLS[protocol].rubric))
 
+    published = _rendezvous(config)
+    if published:  # the services' own endpoints, recorded in the run's config
+        endpoints = {role: [p.endpoint for p in published if p.service == role] for role in ("editor", "scorer")}
+        config = msgspec.structs.replace(
+            config, editor=msgspec.structs.replace(config.editor, endpoints=endpoints["editor"] or config.editor.endpoints),
+            scorer=msgspec.structs.replace(config.scorer, endpoints=endpoints["scorer"] or config.scorer.endpoints))
     roles = {} if config.only == "score" else {ep: "editor" for ep in config.editor.endpoints}
     if config.only != "edit":
-        roles[config.scorer.endpoint] = "scorer"
-    ready = wait_ready(roles, config.connect_timeout_s, config.load_timeout_s)
+        roles |= {ep: "scorer" for ep in config.scorer.endpoints}
+    keys = _client_keys(config, roles, published)
+    ready = wait_ready(roles, config.connect_timeout_s, config.load_timeout_s, keys)
     editors = {ep: ready[ep] for ep in roles if roles[ep] == "editor"}
-    scorer = ready.get(config.scorer.endpoint) if config.only != "edit" else None
+    scorers = {ep: ready[ep] for ep in roles if roles[ep] == "scorer"}
+    _check_alike(editors, _EDITOR_FIELDS)
+    _check_alike(scorers, _EDITOR_FIELDS)
+    scorer = next(iter(scorers.values()), None)  # one judge: every scorer's identity is the same
 
     with RunFolderLock(run_dir):
         journal = Journal(run_dir / RESULTS_NAME)
@@ -166,7 +187,7 @@ def run(config: RunConfig) -> int:
         manifest = _manifest(config, list(editors.values()), scorer, len(items), problems, unselected)
         write_manifest(run_dir, manifest)
 
-        pipeline = Pipeline(config, run_dir, journal, editors, scorer, earlier)
+        pipeline = Pipeline(config, run_dir, journal, editors, scorers, earlier, keys)
         started = time.monotonic()
         pipeline.run(todo)
         if pipeline.fatal is not None:  # the journal itself could not be written: stop, say why
@@ -178,7 +199,11 @@ def run(config: RunConfig) -> int:
             manifest, finished_at=_now(),
             timings=Timings(wall_s=round(time.monotonic() - started, 3), edit_busy_s=round(pipeline.busy_s["edit"], 3),
                             score_busy_s=round(pipeline.busy_s["score"], 3)),
-            counts=Counts(scored=statuses["scored"], edited=statuses["edited"], failed=statuses["failed"]))
+            counts=Counts(scored=statuses["scored"], edited=statuses["edited"], failed=statuses["failed"],
+                          cache_hits=sum(r.cached for r in final.values()),
+                          cache_misses=sum(r.usage is not None for r in final.values())),
+            judge_usage=_judge_usage(final.values()),
+            endpoints=pipeline.endpoint_use())
         write_manifest(run_dir, manifest)
         paths = write_reports(run_dir)
     failed = [i.id for i in items if i.id not in final or final[i.id].status not in finished]
@@ -189,52 +214,54 @@ def run(config: RunConfig) -> int:
 
 
 class Pipeline:
-    """The edit and score stages of one run, as threads joined by a bounded queue."""
+    """The edit and score stages of one run: each a shared queue of batches and a thread per service worker."""
 
     def __init__(self, config: RunConfig, run_dir: Path, journal: Journal, editors: dict[str, Status],
-                 scorer: Status | None, earlier: dict[str, ItemRecord]) -> None:
+                 scorers: dict[str, Status], earlier: dict[str, ItemRecord],
+                 keys: dict[str, ClientKeys] | None = None) -> None:
         self.config = config
         self.run_dir = run_dir
         self.journal = journal
         self.editors = editors
-        self.scorer = scorer
+        self.scorers = scorers
+        self.scorer = next(iter(scorers.values()), None)  # the judge's identity (all scorers share it)
+        self.keys = keys or {}
         self.earlier = earlier
         self.protocol = PROTOCOLS[config.scorer.protocol or "viescore"]
         self.limits = Limits()
-        self.to_score: queue.Queue[list[Pending] | None] = queue.Queue(maxsize=config.queue_batches)
+        self.to_edit: WorkQueue[list[Item]] = WorkQueue(list(editors), config.editor.deadline_s)
+        # back-pressure: edited items wait for the scorers up to queue_batches edit requests' worth
+        self.to_score: WorkQueue[list[Pending]] = WorkQueue(list(scorers), config.scorer.deadline_s,
+                                                            config.queue_batches * config.editor.items_per_request)
         self.busy_s = {"edit": 0.0, "score": 0.0}
         self._busy_lock = threading.Lock()
         self.fatal: RunFolderError | None = None  # set when the journal cannot be written: the run stops
         self._recorded: set[str] = set()  # ids recorded by this run, so a failed batch records only the rest
+        self.thumbnails = ThumbnailWriter(run_dir)  # the report's, made as items finish rather than all at the end
 
     def run(self, todo: Sequence[Item]) -> None:
         ready, to_edit = self._existing_edits(todo)
         progress = {stage: _Progress(stage, len(to_edit) if stage == "edit" else len(todo), position)
                     for position, stage in enumerate(("edit", "score"))}
         self.progress = progress
-        threads = [threading.Thread(target=self._score_loop, name="score", daemon=True)] if self.config.only != "edit" else []
-        batches: queue.Queue[list[Item]] = queue.Queue()
         size = self.config.editor.items_per_request
         for start in range(0, len(to_edit), size):
-            batches.put(list(to_edit[start:start + size]))
-        for endpoint, status in self.editors.items():
-            # one client per service worker keeps every worker of every endpoint busy
-            for n in range(status.workers):
-                threads.append(threading.Thread(target=self._edit_loop, args=(endpoint, batches),
-                                                name=f"edit-{endpoint}-{n}", daemon=True))
-        for thread in threads:
+            self.to_edit.put(list(to_edit[start:start + size]), len(to_edit[start:start + size]))
+        self.to_edit.close()
+        editing = self._threads("edit", self.editors, self.to_edit, self._edit_batch)
+        scoring = self._threads("score", self.scorers, self.to_score, self._score_batch) if self.config.only != "edit" else []
+        for thread in editing + scoring:
             thread.start()
-        size = self.config.scorer.items_per_request
-        for start in range(0, len(ready), size):
-            self.to_score.put(ready[start:start + size])
-        for thread in threads:
-            if thread.name != "score":
-                thread.join()
         if self.config.only != "edit":
-            self.to_score.put(None)
-            threads[0].join()
+            self._queue_for_scoring(ready)
+        for thread in editing:
+            thread.join()
+        self.to_score.close()
+        for thread in scoring:
+            thread.join()
         for bar in progress.values():
             bar.close()
+        self.thumbnails.close()  # nothing records any more; the report comes next and shows them
 
     # ---- edit stage --------------------------------------------------------------------------
 
@@ -267,34 +294,85 @@ class Pipeline:
             return self.run_dir / earlier.edit.path
         return None
 
-    def _edit_loop(self, endpoint: str, batches: queue.Queue[list[Item]]) -> None:
-        cfg = self.config.editor
-        with Client(endpoint, timeout_s=cfg.timeout_s, retries=cfg.retries) as client:
-            while True:
-                try:
-                    batch = batches.get_nowait()
-                except queue.Empty:
-                    return
-                if self.fatal is not None:
-                    return
-                identity = self.editors[endpoint].identity()
-                try:
-                    pending = self._edit_batch(client, identity, batch)
-                except Exception as exc:  # a defect or a broken reply: this batch fails, the run goes on
-                    self._fail_batch(batch, "edit", exc, identity)
-                    pending = []
-                self.progress["edit"].update(len(batch))
-                if pending and self.config.only == "edit":
-                    for p in pending:
-                        self._record(p.item, "edited", p.edit, notes=p.notes, editor=p.editor,
-                                     elapsed=Elapsed(edit_s=p.edit_s))
-                elif pending:
-                    self.to_score.put(pending)  # blocks while the scorer is behind: back-pressure
+    def _threads(self, stage: Stage, services: dict[str, Status], work: WorkQueue,
+                 attempt: Callable[[Client, list, float], int]) -> list[threading.Thread]:
+        # one client per service worker keeps every worker of every endpoint busy
+        return [threading.Thread(target=self._serve, args=(stage, endpoint, work, attempt), daemon=True,
+                                 name=f"{stage}-{endpoint}-{n}")
+                for endpoint, status in services.items() for n in range(max(status.workers, 1))]
 
-    def _edit_batch(self, client: Client, editor: Identity, batch: list[Item]) -> list[Pending]:
+    def _serve(self, stage: Stage, endpoint: str, work: WorkQueue, attempt: Callable[[Client, list, float], int]) -> None:
+        """One thread of one endpoint: batches from the stage's queue until it is done. A batch the
+        endpoint cannot serve now (no reply, loading, busy, refused) goes back to the queue, and the
+        endpoint is pinged until it is ready again. After a fatal error the queue is only drained."""
+        cfg = self.config.editor if stage == "edit" else self.config.scorer
+        # a dropped connection moves the batch at once: resending is the queue's job, to any endpoint
+        with Client(endpoint, timeout_s=cfg.timeout_s, retries=cfg.retries, curve=self.keys.get(endpoint),
+                    resend_on_drop=False) as client:
+            while not work.done:
+                for job in work.expired():
+                    self._give_up(stage, work, job)
+                if self.fatal is None and not work.alive(endpoint):
+                    probed = time.monotonic()
+                    if self._ready(endpoint):
+                        work.set_alive(endpoint)
+                        log.info("%s stage: %s answers again and takes work", stage, endpoint)
+                    else:  # at most one probe a pause, however fast the refusal
+                        time.sleep(max(0.0, _RETRY_PAUSE_S - (time.monotonic() - probed)))
+                    continue
+                job = work.take(_RETRY_PAUSE_S)
+                if job is None:
+                    continue
+                served = 0
+                if self.fatal is None:
+                    try:
+                        served = attempt(client, job.work, work.budget_s(job))
+                    except (ServiceUnavailable, RemoteError, AuthenticationRefused) as exc:  # the retryable ones
+                        code = exc.code if isinstance(exc, RemoteError) else "service_unavailable"
+                        if work.give_back(job, endpoint, code, str(exc)):
+                            log.warning("%s stage: %s; retrying its %d item(s) on the first endpoint free", stage, exc,
+                                        job.size)
+                        else:
+                            self._give_up(stage, work, job)
+                        continue
+                    except Exception as exc:  # a defect or a broken reply: this batch fails, the run goes on
+                        self._fail_batch(stage, job.work, exc, endpoint)
+                work.finish(job, endpoint, served)
+                self.progress[stage].update(job.size)
+
+    def _ready(self, endpoint: str) -> bool:
+        """Whether a down endpoint answers ping as ready again (its silence is logged once, when it went down)."""
+        with Client(endpoint, timeout_s=_PING_TIMEOUT_S, retries=0, miss_log_level=logging.DEBUG,
+                    curve=self.keys.get(endpoint)) as client:
+            try:
+                status = _ping(client, _PING_TIMEOUT_S)
+            except (AuthenticationRefused, ConfigError):
+                return False
+        return status is not None and status.state == "ready"
+
+    def _give_up(self, stage: Stage, work: WorkQueue, job: Job) -> None:
+        """Fail what is left of a batch no endpoint served within the deadline, with its last cause."""
+        code, message = job.error
+        self._fail_items(stage, job.work, ItemError(code, f"{message} (gave up after {work.deadline_s:.0f}s, the "
+                                                              f"{stage} deadline: no endpoint served it)"))
+        work.finish(job)
+        self.progress[stage].update(job.size)
+
+    def _queue_for_scoring(self, pending: Sequence[Pending]) -> None:
+        """Edited items into the score queue, in requests of the scorers' size (waits while it is full)."""
+        size = self.config.scorer.items_per_request
+        for start in range(0, len(pending), size):
+            self.to_score.put(list(pending[start:start + size]), len(pending[start:start + size]))
+
+    def _edit_batch(self, client: Client, batch: list[Item], budget_s: float) -> int:
+        """One attempt at a batch on `client`'s editor; the items it answered for. Edits go on to the
+        score queue (or are recorded, with only=edit); what the editor cannot do now propagates."""
         cfg = self.config.editor
+        editor = self.editors[client.endpoint].identity()
         blobs, items, sent, notes, sources = Blobs(), [], [], {}, {}
         for item in batch:
+            if item.id in self._recorded:  # failed on an earlier attempt (a bad source image)
+                continue
             seed = item_seed(cfg.seed, item.id)
             try:
                 arrays, item_notes = _load_sources(item)
@@ -307,17 +385,16 @@ class Pipeline:
                                   seed=seed, width=cfg.width, height=cfg.height))
             sent.append(item)
         if not sent:
-            return []
+            return 0
         request = EditRequest(items, EditParams(steps=cfg.steps, guidance=cfg.guidance, negative_prompt=cfg.negative_prompt))
         try:
-            reply, received = self._timed("edit", cfg.deadline_s,
-                                          lambda budget_s: client.edit(request, blobs, budget_s=budget_s))
+            reply, received = self._call("edit", lambda: client.edit(request, blobs, budget_s=budget_s))
             _check_count(reply.items, sent, client.endpoint)
         except StageFailure as exc:
             for item in sent:
                 self._record(item, "failed", EditOutcome(status="failed", seed=item_seed(cfg.seed, item.id)),
                              error=_failure("edit", exc.error), notes=notes[item.id], editor=editor)
-            return []
+            return len(sent)
         pending = []
         for item, result in zip(sent, reply.items, strict=True):
             item_notes = notes[item.id] + list(result.notes)
@@ -331,36 +408,33 @@ class Pipeline:
             write_atomic(self.run_dir / path, encode_png(edited))
             pending.append(Pending(item, EditOutcome(status="ok", path=str(path), seed=seed), sources[item.id], edited,
                                    item_notes, editor, result.elapsed_s))
-        return pending
+        if pending and self.config.only == "edit":
+            for p in pending:
+                self._record(p.item, "edited", p.edit, notes=p.notes, editor=p.editor, elapsed=Elapsed(edit_s=p.edit_s))
+        else:
+            self._queue_for_scoring(pending)  # waits while the scorers are behind: back-pressure
+        return len(sent)
 
     # ---- score stage -------------------------------------------------------------------------
 
-    def _score_loop(self) -> None:
-        cfg = self.config.scorer
-        with Client(cfg.endpoint, timeout_s=cfg.timeout_s, retries=cfg.retries) as client:
-            # the loop drains the queue even after a fatal error, so no edit thread blocks on it
-            while (batch := self.to_score.get()) is not None:
-                for start in range(0, len(batch), cfg.items_per_request):
-                    chunk = batch[start:start + cfg.items_per_request]
-                    if self.fatal is None:
-                        try:
-                            self._score_batch(client, chunk)
-                        except Exception as exc:  # a defect or a broken reply: this batch fails, the run goes on
-                            self._fail_batch([p.item for p in chunk], "score", exc, None, chunk)
-                    self.progress["score"].update(len(chunk))
-
-    def _score_batch(self, client: Client, batch: list[Pending]) -> None:
+    def _score_batch(self, client: Client, batch: list[Pending], budget_s: float) -> int:
+        """One attempt at a batch on `client`'s scorer; the items it answered for. Images are read
+        once per item, whatever the attempts; what the scorer cannot do now propagates."""
         cfg = self.config.scorer
         blobs, items, sent = Blobs(), [], []
         for p in batch:
+            if p.item.id in self._recorded:  # failed on an earlier attempt (an unreadable image)
+                continue
+            given = self.protocol.judge_references(p.item.category, p.item.references)
             try:
                 if p.sources is None:
                     p.sources, source_notes = _load_sources(p.item)
                     p.notes += source_notes
                 edited = p.edited.read_bytes() if isinstance(p.edited, Path) else p.edited
-                given = self.protocol.judge_references(p.item.category, p.item.references)
-                references, reference_notes = _load_references(p.item, given)
-                p.notes += reference_notes
+                if p.references is None:
+                    p.references, reference_notes = _load_references(p.item, given)
+                    p.notes += reference_notes
+                references = p.references
             except (ImageError, OSError) as exc:
                 self._finish(p, "failed", error=_failure("score", ItemError("bad_image", str(exc))))
                 continue
@@ -371,59 +445,53 @@ class Pipeline:
                                    explanation=texts["explanation"]))
             sent.append(p)
         if not sent:
-            return
+            return 0
         request = ScoreRequest(items, mode=cfg.mode, rubric=cfg.rubric, repeats=cfg.judge_repeats)
         try:
-            reply = self._timed("score", cfg.deadline_s, lambda budget_s: client.score(request, blobs, budget_s=budget_s))
+            reply = self._call("score", lambda: client.score(request, blobs, budget_s=budget_s))
             _check_count(reply.items, sent, client.endpoint)
         except StageFailure as exc:
             for p in sent:
                 self._finish(p, "failed", error=_failure("score", exc.error))
-            return
+            return len(sent)
         for p, result in zip(sent, reply.items, strict=True):
             p.notes += result.notes
             if result.verdict is None:
                 error = result.error or ItemError("internal", f"item {p.item.id!r}: the scorer sent neither verdict nor error")
-                self._finish(p, "failed", error=_failure("score", error), score_s=result.elapsed_s)
+                self._finish(p, "failed", error=_failure("score", error), score_s=result.elapsed_s,
+                             usage=result.usage, cached=result.cached)
             else:
-                self._finish(p, "scored", verdict=result.verdict, score_s=result.elapsed_s)
+                self._finish(p, "scored", verdict=result.verdict, score_s=result.elapsed_s, usage=result.usage,
+                             cached=result.cached)
+        return len(sent)
 
     def _finish(self, p: Pending, status: ItemStatus, *, verdict: Verdict | None = None, error: Failure | None = None,
-                score_s: float = 0.0) -> None:
-        """Record an item that reached the score stage, with the judge that saw it."""
+                score_s: float = 0.0, usage: Usage | None = None, cached: bool = False) -> None:
+        """Record an item that reached the score stage, with the judge that saw it and what asking it cost."""
         self._record(p.item, status, p.edit, score=verdict, error=error, notes=p.notes, editor=p.editor,
                      judge=_judge(self.scorer, verdict) if self.scorer else None,
-                     elapsed=Elapsed(edit_s=p.edit_s, score_s=score_s))
+                     elapsed=Elapsed(edit_s=p.edit_s, score_s=score_s), usage=usage, cached=cached)
 
     # ---- shared ------------------------------------------------------------------------------
 
-    def _timed(self, stage: str, deadline_s: float, call: Callable[[float], T]) -> T:
-        """`call(budget_s)` retried while its service is unavailable, loading or busy; `deadline_s`
-        bounds the wall time of all attempts together, counted from the first."""
-        start = time.monotonic()
-        while True:
-            attempt = time.monotonic()
-            try:
-                result = call(deadline_s - (attempt - start))
-                with self._busy_lock:
-                    self.busy_s[stage] += time.monotonic() - attempt
-                return result
-            except ServiceUnavailable as exc:
-                error = ("service_unavailable", str(exc))
-            except RemoteError as exc:
-                if not exc.retryable:
-                    raise StageFailure(exc.code, str(exc)) from exc
-                error = (exc.code, str(exc))
-            elapsed = time.monotonic() - start
-            if elapsed + _RETRY_PAUSE_S >= deadline_s:
-                raise StageFailure(error[0], f"{error[1]} (gave up after {elapsed:.0f}s, deadline {deadline_s:.0f}s)")
-            log.warning("%s stage: %s; retrying (%.0fs of %.0fs)", stage, error[1], elapsed, deadline_s)
-            time.sleep(_RETRY_PAUSE_S)
+    def _call(self, stage: Stage, call: Callable[[], T]) -> T:
+        """One attempt at `call`, its time counted as the stage's busy time. A refusal no retry can
+        change (an error reply that is not retryable) is a StageFailure; the retryable ones propagate,
+        so that the batch moves to another endpoint."""
+        attempt = time.monotonic()
+        try:
+            result = call()
+        except RemoteError as exc:
+            if not exc.retryable:
+                raise StageFailure(exc.code, str(exc)) from exc
+            raise
+        with self._busy_lock:
+            self.busy_s[stage] += time.monotonic() - attempt
+        return result
 
-    def _fail_batch(self, items: Sequence[Item], stage: Stage, exc: Exception, editor: Identity | None,
-                    pending: Sequence[Pending] = ()) -> None:
-        """Record every item of a batch that broke with `exc` as failed with its cause, except those
-        already recorded; the run goes on with the next batch."""
+    def _fail_batch(self, stage: Stage, work: list, exc: Exception, endpoint: str) -> None:
+        """Record every item of a batch that broke with `exc` on `endpoint` as failed with its cause,
+        except those already recorded; the run goes on with the next batch."""
         if isinstance(exc, OSError):
             error = ItemError("io_error", _os_error(exc))
         elif isinstance(exc, ProtocolError):
@@ -431,26 +499,35 @@ class Pipeline:
         else:
             log.error("%s stage: a batch failed", stage, exc_info=exc)
             error = ItemError("internal", f"{type(exc).__name__}: {exc}")
-        by_id = {p.item.id: p for p in pending}
-        for item in items:
-            if item.id in self._recorded:
-                continue
-            if item.id in by_id:
-                self._finish(by_id[item.id], "failed", error=_failure(stage, error))
-            else:
-                self._record(item, "failed", EditOutcome(status="failed", seed=item_seed(self.config.editor.seed, item.id)),
+        self._fail_items(stage, work, error, self.editors[endpoint].identity() if stage == "edit" else None)
+
+    def _fail_items(self, stage: Stage, work: list, error: ItemError, editor: Identity | None = None) -> None:
+        """Record the items of `work` (edit: Items, score: Pendings) not recorded yet as failed with `error`."""
+        for entry in work:
+            if isinstance(entry, Pending):
+                if entry.item.id not in self._recorded:
+                    self._finish(entry, "failed", error=_failure(stage, error))
+            elif entry.id not in self._recorded:
+                self._record(entry, "failed", EditOutcome(status="failed", seed=item_seed(self.config.editor.seed, entry.id)),
                              error=_failure(stage, error), editor=editor)
+
+    def endpoint_use(self) -> list[EndpointUse]:
+        """Each endpoint's share of the items and its failed attempts (the manifest's `endpoints`)."""
+        return [EndpointUse(service=service, endpoint=endpoint, items=use.items, failed_attempts=use.failed_attempts)
+                for service, work in (("editor", self.to_edit), ("scorer", self.to_score))
+                for endpoint, use in work.usage.items()]
 
     def _record(self, item: Item, status: ItemStatus, edit: EditOutcome, *, score: Verdict | None = None,
                 error: Failure | None = None, notes: list[str] | None = None, editor: Identity | None = None,
-                judge: JudgeIdentity | None = None, elapsed: Elapsed = Elapsed()) -> None:
+                judge: JudgeIdentity | None = None, elapsed: Elapsed = Elapsed(), usage: Usage | None = None,
+                cached: bool = False) -> None:
         record = ItemRecord(
             schema=SCHEMA_VERSION, id=item.id, category=item.category, instruction=item.instruction,
             language=item.language, sources=[str(path.resolve()) for path in item.sources],
             references=list(item.references), metadata=item.metadata, groups=list(item.groups),
             benchmark=item.benchmark, status=status, edit=edit, score=score, error=error, notes=notes or [],
             elapsed=Elapsed(edit_s=round(elapsed.edit_s, 4), score_s=round(elapsed.score_s, 4)),
-            editor=editor, judge=judge, finished_at=_now(),
+            editor=editor, judge=judge, finished_at=_now(), usage=usage, cached=cached,
         )
         try:
             self.journal.append(record)
@@ -461,6 +538,7 @@ class Pipeline:
                 log.error("%s", self.fatal)
             return
         self._recorded.add(item.id)
+        self.thumbnails.add(record)
         if error is not None:
             log.warning("item %r failed at %s: %s", item.id, error.stage, error.message)
 
@@ -517,6 +595,14 @@ def _load_images(item: Item, fields: Sequence[tuple[str, Path]]) -> tuple[list[n
 
 def _failure(stage: Stage, error: ItemError) -> Failure:
     return Failure(stage=stage, code=error.code, message=error.message, raw=list(error.raw))
+
+
+def _judge_usage(records: Iterable[ItemRecord]) -> Usage:
+    """The judge calls of every record, summed."""
+    used = [r.usage for r in records if r.usage is not None]
+    return Usage(calls=sum(u.calls for u in used), prompt_tokens=sum(u.prompt_tokens for u in used),
+                 completion_tokens=sum(u.completion_tokens for u in used),
+                 judge_s=round(math.fsum(u.judge_s for u in used), 3))
 
 
 def _judge(scorer: Status, verdict: Verdict | None) -> JudgeIdentity:
@@ -593,24 +679,29 @@ def _os_error(exc: OSError) -> str:
     return f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
 
 
-def wait_ready(roles: dict[str, str], connect_timeout_s: float, load_timeout_s: float) -> dict[str, Status]:
+def wait_ready(roles: dict[str, str], connect_timeout_s: float, load_timeout_s: float,
+               keys: Mapping[str, ClientKeys] | None = None) -> dict[str, Status]:
     """Ping every endpoint (`roles`: endpoint -> "editor" or "scorer") until all are ready; their statuses.
 
-    Raises ServiceNotReady, one line per service, as soon as one failed to load its model, when one
-    never answered within `connect_timeout_s`, or when one still loads after `load_timeout_s`;
-    ConfigError when a service speaks another protocol. Progress is logged while they load.
+    Raises ServiceNotReady, one line per service, as soon as one failed to load its model or refused
+    this runner's key (`keys`: the CURVE keys of tcp endpoints), when one never answered within
+    `connect_timeout_s`, or when one still loads after `load_timeout_s`; ConfigError when a service
+    speaks another protocol. Progress is logged while they load.
     """
     start = last_log = time.monotonic()
     statuses: dict[str, Status | None] = dict.fromkeys(roles)
     with contextlib.ExitStack() as stack:
-        clients = {ep: stack.enter_context(Client(ep, timeout_s=_PING_TIMEOUT_S, retries=0,
-                                                  miss_log_level=logging.DEBUG)) for ep in roles}
+        clients = {ep: stack.enter_context(Client(ep, timeout_s=_PING_TIMEOUT_S, retries=0, miss_log_level=logging.DEBUG,
+                                                  curve=(keys or {}).get(ep))) for ep in roles}
         while True:
             for endpoint, client in clients.items():
                 if statuses[endpoint] is None or statuses[endpoint].state != "ready":
                     # no ping outlasts the connect timeout by much, however many services are down
                     budget_s = max(0.2, min(_PING_TIMEOUT_S, connect_timeout_s - (time.monotonic() - start)))
-                    statuses[endpoint] = _ping(client, budget_s) or statuses[endpoint]
+                    try:
+                        statuses[endpoint] = _ping(client, budget_s) or statuses[endpoint]
+                    except AuthenticationRefused as exc:  # no wait makes a key welcome
+                        raise ServiceNotReady([f"{roles[endpoint]} {exc}"]) from exc
             elapsed = time.monotonic() - start
             waiting = {ep: s for ep, s in statuses.items() if s is None or s.state != "ready"}
             if not waiting:
@@ -633,6 +724,41 @@ def wait_ready(roles: dict[str, str], connect_timeout_s: float, load_timeout_s: 
                              else f"no answer yet ({elapsed:.0f}s of {connect_timeout_s:.0f}s)")
                     log.info("waiting for the %s at %s: %s", roles[endpoint], endpoint, state)
             time.sleep(_RETRY_PAUSE_S)
+
+
+def _rendezvous(config: RunConfig) -> list[Published]:
+    """The services of the run's rendezvous folder, once as many as it expects have published; none without one."""
+    folder = config.rendezvous.folder
+    if not folder:
+        return []
+    wanted = {"editor": config.rendezvous.editors, "scorer": config.rendezvous.scorers}
+    wanted = {service: n for service, n in wanted.items() if config.only != {"editor": "score", "scorer": "edit"}[service]}
+    log.info("waiting for %s to publish in %s", " and ".join(f"{n} {s}(s)" for s, n in wanted.items()), folder)
+    return wait_published(Path(folder), wanted, config.connect_timeout_s)
+
+
+def _client_keys(config: RunConfig, roles: Mapping[str, str], published: Sequence[Published]) -> dict[str, ClientKeys]:
+    """The runner's CURVE keys for each tcp endpoint: the server key a rendezvous entry published,
+    else curve.server_key's; ConfigError naming an unusable key file."""
+    if not config.curve.client_key:
+        return {}
+    try:
+        default = read_public_key(Path(config.curve.server_key)) if config.curve.server_key else None
+        servers = {p.endpoint: p.public_key.encode() for p in published if p.public_key}
+        return {endpoint: ClientKeys.load(Path(config.curve.client_key), key) for endpoint in roles
+                if endpoint.startswith("tcp://") and (key := servers.get(endpoint, default)) is not None}
+    except SettingsError as exc:
+        raise ConfigError(f"curve: {exc}") from None
+
+
+def _check_alike(services: Mapping[str, Status], fields: Sequence[str]) -> None:
+    """Refuse endpoints of one role that serve different models: a run's numbers come from one editor
+    and one judge, never a mix. ConfigError names two that differ."""
+    seen = {tuple(getattr(s.identity(), f) for f in fields): endpoint for endpoint, s in services.items()}
+    if len(seen) > 1:
+        (a, first), (b, second) = list(seen.items())[:2]
+        raise ConfigError(f"{first} and {second} serve different models ({dict(zip(fields, a))} vs "
+                          f"{dict(zip(fields, b))}): a run uses one editor and one judge")
 
 
 def _ping(client: Client, budget_s: float) -> Status | None:

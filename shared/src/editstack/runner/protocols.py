@@ -164,7 +164,9 @@ def _kris_rows(records: Sequence[ItemRecord], keys: Callable[[ItemRecord], list[
 # dimensions shown as 25 x (s - 1). Logits mode has no integer answers: there an item's accuracy is
 # the probability the judge gives to 5 on every one of its dimensions.
 
-_RISE_CATEGORIES = ("temporal", "causal", "spatial", "logical")
+# RISEBench's category values (gpt_eval.py), its table's order
+_RISE_CATEGORIES = ("temporal_reasoning", "causal_reasoning", "spatial_reasoning", "logical_reasoning")
+_RISE_LOGICAL = "logical_reasoning"
 
 
 def rise_tables(records: Sequence[ItemRecord]) -> list[Table]:
@@ -180,9 +182,9 @@ def rise_tables(records: Sequence[ItemRecord]) -> list[Table]:
 def _rise_dimensions(record: ItemRecord) -> dict[str, str]:
     """The dimensions RISEBench scores this item on, by short name."""
     dims = {"IR": "instruction_reasoning"}
-    if not (record.category != "logical" and record.metadata.get("consistency_free")):
+    if not (record.category != _RISE_LOGICAL and record.metadata.get("consistency_free")):
         dims["AC"] = "appearance_consistency"
-    if record.category != "logical":
+    if record.category != _RISE_LOGICAL:
         dims["VP"] = "visual_plausibility"
     return dims
 
@@ -191,7 +193,7 @@ def rise_item_score(record: ItemRecord) -> float:
     """RISEBench's weighted 1-5 score of one scored item (gpt_eval.py `calculate_score`)."""
     s = record.score.sub_scores
     ir = s["instruction_reasoning"]
-    if record.category == "logical":
+    if record.category == _RISE_LOGICAL:
         score = 0.3 * s["appearance_consistency"] + 0.7 * ir
     elif record.metadata.get("consistency_free"):
         score = 0.2 * s["visual_plausibility"] + 0.8 * ir

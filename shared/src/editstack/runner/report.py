@@ -7,13 +7,22 @@ Files written into the run folder, each atomically (temp file + rename):
     report.md           run times, dataset, results per category and overall (each mean with its
                         interval), aggregation rule, models and versions, failed items, problems
                         found in the journal
-    report.html         the same summary, then a gallery per category (source | edit | instruction |
-                        scores or error); self-contained: thumbnails are data: URIs, no external file
+    report.html         the same summary, then a link to each category's gallery pages
+    gallery/<category>-<n>.html
+                        a category's items (source | reference | edit | instruction | scores or error),
+                        PAGE_ITEMS to a page, in id order; the images are thumbnail files
+    thumbs/<hash>.jpg   one thumbnail per image (JPEG; PNG where the image has transparency), named by
+                        the image's path as the records give it, so an image several items share
+                        (a source) has one
     summary.csv         one row per category, then an "ALL" row; columns = SUMMARY_COLUMNS
     summary.json        the same rows as a top-level JSON list of objects (`pandas.read_json` reads it)
     summary.meta.json   one object about the rows: run times, dataset, models and versions, rubric,
                         aggregation, mode, how the intervals were made, journal problems (kept apart
                         so summary.json stays a table)
+    benchmark.json      the benchmark's own tables, as its protocol builds them (runner/protocols.py:
+                        GEdit-Bench, KRIS-Bench, RISEBench, ImgEdit): a list of {title, columns,
+                        rows, note}; absent for the viescore protocol, which has no table of its own
+    benchmark.csv       the same numbers, one per line: table, row, column, value
 
 Counting: an item is the last journal record of its id. Failed items are counted, never averaged
 in: sc_mean, pq_mean and overall_mean are means over scored items only (null/empty when there are
@@ -32,6 +41,12 @@ variance of all the repeats' overalls pooled. Both variances divide by their cou
 variance), so with one K for all items the share is the within-item part of the law of total
 variance, between 0 and 1; it is null when all the pooled values are equal.
 
+The reports scale with the run: a thumbnail is made once, when its item finishes (`ThumbnailWriter`,
+on the runner's behalf) or at the first report that misses it, and is reused while it is newer than
+its image; a page is rendered one at a time (memory holds one page, never the gallery), and a file
+that would come out the same is not rewritten, so a resume with nothing to do leaves the folder as
+it was (apart from the run times).
+
 The journal is append-only, so a crash can tear its last line: an unparseable last line is ignored
 (with a warning). Any other unreadable line is an error: it is logged, listed in the reports, and
 its item is not counted.
@@ -40,17 +55,21 @@ its item is not counted.
 from __future__ import annotations
 
 import argparse
-import base64
 import csv
 import datetime as dt
+import hashlib
 import html
 import io
+import itertools
 import json
 import logging
+import re
+import stat
 import statistics
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -59,7 +78,8 @@ import msgspec
 from PIL import Image
 
 from editstack.errors import RunFolderError
-from editstack.runner.files import write_atomic
+from editstack.runner.files import write_atomic, write_if_changed
+from editstack.runner.protocols import PROTOCOLS, Cell, Table
 from editstack.runner.runfolder import RESULTS_NAME, ItemRecord, Journal, Manifest, read_manifest
 from editstack.runner.stats import LEVEL, METHOD, RESAMPLES, SEED, bootstrap_ci
 from editstack.wire.protocol import Status, Verdict
@@ -72,6 +92,10 @@ SUMMARY_COLUMNS = ("category", "items", "scored", "failed", *(f"{name}_mean" for
                    *(f"{name}_ci_{end}" for name in _MEANS for end in ("low", "high")))
 ALL_CATEGORIES = "ALL"
 THUMBNAIL_PX = 256
+THUMBS_NAME = "thumbs"
+GALLERY_NAME = "gallery"
+BENCHMARK_JSON, BENCHMARK_CSV = "benchmark.json", "benchmark.csv"  # a benchmark protocol's own tables
+PAGE_ITEMS = 500  # ~0.8 KB of HTML an item (scripts/bench report): a page stays near 0.4 MB, quick to open
 TINY_BANNER = "Scores mean nothing: random-weight tiny models"
 _MESSAGE_CHARS = 200  # failure messages can hold whole tracebacks; tables show their start
 _DASH = "–"
@@ -85,6 +109,7 @@ class ReportPaths(NamedTuple):
     summary_json: Path
     summary_csv: Path
     summary_meta: Path
+    gallery: Path  # the folder of the gallery pages
 
 
 # ---- reading and counting ----------------------------------------------------------------------
@@ -138,17 +163,27 @@ class _Run:
 
 
 def write_reports(run_dir: Path) -> ReportPaths:
-    """Write report.md, report.html, summary.json, summary.csv and summary.meta.json into `run_dir`."""
+    """Write report.md, report.html, summary.json, summary.csv, summary.meta.json and the gallery
+    pages (with the thumbnails they miss) into `run_dir`; a file that would not change is left alone."""
     run = _read_run(Path(run_dir))
     rows = _rows(run.records)
-    paths = ReportPaths(*(run.folder / name for name in
-                          ("report.md", "report.html", "summary.json", "summary.csv", "summary.meta.json")))
-    write_atomic(paths.summary_json, json.dumps([asdict(row) for row in rows], indent=1, ensure_ascii=False) + "\n")
-    write_atomic(paths.summary_csv, _csv(rows))
-    write_atomic(paths.summary_meta, json.dumps(_meta(run), indent=1, ensure_ascii=False) + "\n")
-    write_atomic(paths.markdown, _markdown(run, rows))
-    write_atomic(paths.html, _html(run, rows))
-    log.info("reports of %s written: %d items, %d journal problem(s)", run.folder, len(run.records), len(run.problems))
+    breakdowns = _breakdowns(run.records)  # once: each of its rows takes a bootstrap over its items
+    paths = ReportPaths(*(run.folder / name for name in ("report.md", "report.html", "summary.json", "summary.csv",
+                                                         "summary.meta.json", GALLERY_NAME)))
+    pages, written = _write_gallery(run, rows, paths.gallery)
+    tables = PROTOCOLS[run.manifest.protocol].tables(run.records)
+    files = {paths.summary_json: json.dumps([asdict(row) for row in rows], indent=1, ensure_ascii=False) + "\n",
+             paths.summary_csv: _csv(rows),
+             paths.summary_meta: json.dumps(_meta(run, breakdowns), indent=1, ensure_ascii=False) + "\n",
+             paths.markdown: _markdown(run, rows, breakdowns, tables),
+             paths.html: _html(run, rows, breakdowns, pages, tables)}
+    if tables:
+        files |= {run.folder / BENCHMARK_JSON: json.dumps([asdict(t) for t in tables], indent=1,
+                                                          ensure_ascii=False) + "\n",
+                  run.folder / BENCHMARK_CSV: _benchmark_csv(tables)}
+    written += sum(write_if_changed(path, text) for path, text in files.items())
+    log.info("reports of %s: %d items, %d journal problem(s); %d page(s) and summaries changed", run.folder,
+             len(run.records), len(run.problems), written)
     return paths
 
 
@@ -184,7 +219,7 @@ def _row(category: str, records: Sequence[ItemRecord]) -> _Row:
     means: dict[str, float | None] = {}
     intervals: dict[str, float | None] = {}
     for name in _MEANS:
-        values = [getattr(s, name) for s in scores]
+        values = [getattr(s, name) for s in scores if getattr(s, name) is not None]  # sc, pq: VIEScore rubrics only
         means[f"{name}_mean"] = statistics.fmean(values) if values else None
         low, high = bootstrap_ci(values) if values else (None, None)
         intervals |= {f"{name}_ci_low": low, f"{name}_ci_high": high}
@@ -253,18 +288,28 @@ def _facts(run: _Run) -> list[tuple[str, str]]:
     """(label, text) pairs about the run, shown at the top of report.md and report.html."""
     m = run.manifest
     scored = _scores(run.records)
-    rubric = _agreement(f"{s.rubric_id} {s.rubric_version}" for s in scored) if scored else (
-        f"{m.rubric.id} {m.rubric.version}" if m.rubric else _DASH)
+    rubric = _agreement(_rubric_name(s.rubric_id, s.rubric_version, s.rubric_sha256) for s in scored) if scored else (
+        _rubric_name(m.rubric.id, m.rubric.version, m.rubric.sha256) if m.rubric else _DASH)
     commit = f", git {m.git_commit[:12]}" if m.git_commit else ""
     facts = [
         ("Run", f"{m.started_at} → {m.finished_at or 'not finished'}{_duration(m.started_at, m.finished_at)}"),
         ("editstack", f"{m.editstack_version}{commit}"),
         ("Dataset", f"{m.dataset.spec}: {m.dataset.items} item(s) selected, {len(run.records)} with a result"
                     + (f", {len(m.dataset.problems)} skipped by the loader" if m.dataset.problems else "")),
+        ("Protocol", _protocol_fact(m)),
         ("Aggregation", _agreement(s.aggregation for s in scored) if scored else "no scored items"),
         ("Rubric", rubric),
         ("Judge mode", _agreement(s.mode for s in scored) if scored else _DASH),
     ]
+    if m.counts is not None and (m.counts.cache_hits or m.counts.cache_misses):
+        facts.append(("Judge cache", f"{m.counts.cache_hits} hit(s), {m.counts.cache_misses} miss(es)"))
+    for use in m.endpoints:  # several endpoints of a stage: each one's share, and what it handed back
+        facts.append((f"{use.service.capitalize()} endpoint", f"{use.endpoint}: {use.items} item(s), "
+                                                             f"{use.failed_attempts} failed attempt(s)"))
+    if m.judge_usage is not None and m.judge_usage.calls:
+        u = m.judge_usage
+        facts.append(("Judge cost", f"{u.calls} call(s), {u.prompt_tokens} prompt and {u.completion_tokens} "
+                                    f"completion token(s), {u.judge_s:.1f} s of judge time"))
     shown = {k: v for k, v in msgspec.structs.asdict(m.params).items()
              if k not in ("seed_rule", "from_editor_defaults") and v is not None}
     params = ", ".join(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}" for k, v in shown.items())
@@ -276,6 +321,21 @@ def _facts(run: _Run) -> list[tuple[str, str]]:
     if m.scorer is not None:
         facts.append(("Scorer", _service(m.scorer, ("transformers", "torch"))))
     return facts
+
+
+def _rubric_name(rubric_id: str, version: str, sha256: str) -> str:
+    return f"{rubric_id} {version}" + (f" (sha256 {sha256[:12]})" if sha256 else "")
+
+
+def _protocol_fact(m: Manifest) -> str:
+    """The protocol, and whether the judge is the one the benchmark's published table used."""
+    protocol = PROTOCOLS[m.protocol]
+    if not protocol.published_judge:
+        return f"{protocol.id} (editstack's own tables)"
+    judge = m.scorer.model if m.scorer is not None else _DASH
+    return (f"{protocol.id}: tables as the benchmark builds them. Its published table was judged by "
+            f"{protocol.published_judge}; this run's judge is {judge}, so compare its numbers with runs of "
+            "the same judge, not with that table")
 
 
 def _agreement(values: Iterable[str]) -> str:
@@ -323,7 +383,24 @@ def _csv(rows: Sequence[_Row]) -> str:
     return out.getvalue()
 
 
-def _meta(run: _Run) -> dict[str, Any]:
+def _benchmark_csv(tables: Sequence[Table]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(("table", "row", "column", "value"))
+    for table in tables:
+        for row in table.rows:
+            writer.writerows((table.title, row[0], column, "" if value is None else value)
+                             for column, value in zip(table.columns[1:], row[1:], strict=True))
+    return out.getvalue()
+
+
+def _cell(value: Cell) -> str:
+    if value is None:
+        return _DASH
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def _meta(run: _Run, breakdowns: Sequence[tuple[str, list[_Row]]]) -> dict[str, Any]:
     m = run.manifest
     scored = _scores(run.records)
     return {
@@ -347,20 +424,26 @@ def _meta(run: _Run) -> dict[str, Any]:
         "scorer": msgspec.to_builtins(m.scorer),
         "journal": {"items": len(run.records), "problems": run.problems, "torn_last_line_ignored": run.torn_last_line},
         # the same rows as summary.json, by language and by group instead of category
-        **{f"by_{kind}": [asdict(row) for row in table] for kind, table in _breakdowns(run.records)},
+        **{f"by_{kind}": [asdict(row) for row in table] for kind, table in breakdowns},
     }
 
 
 # ---- report.md ---------------------------------------------------------------------------------
 
-def _markdown(run: _Run, rows: Sequence[_Row]) -> str:
+def _markdown(run: _Run, rows: Sequence[_Row], breakdowns: Sequence[tuple[str, list[_Row]]],
+              tables: Sequence[Table]) -> str:
     lines = [f"# editstack report: {md_text(run.folder.name)}", ""]
     if banner := _banner(run.manifest):
         lines += [f"> **⚠ {md_text(banner)}**", ""]
     lines += [f"- **{label}**: {md_text(text)}" for label, text in _facts(run)]
     lines += ["", "## Results", "", *_md_table("category", rows, total=True)]
     lines += ["", _counting_note(rows[-1]), "", _interval_note()]
-    for kind, table in _breakdowns(run.records):
+    for table in tables:
+        lines += ["", f"## {md_text(table.title)}", "", "| " + " | ".join(md_text(c) for c in table.columns) + " |",
+                  "|---|" + "--:|" * (len(table.columns) - 1)]
+        lines += ["| " + " | ".join(md_text(_cell(c)) for c in row) + " |" for row in table.rows]
+        lines += ["", md_text(table.note)]
+    for kind, table in breakdowns:
         lines += ["", f"## By {kind}", "", *_md_table(kind, table, total=False)]
     if spreads := _spreads(run.records):
         header, cells, note = _spread_lines(spreads)
@@ -451,18 +534,32 @@ tr.all td{font-weight:bold}
 """
 
 
-def _html(run: _Run, rows: Sequence[_Row]) -> str:
+def _html_head(title: str) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_CSS}</style></head><body>")
+
+
+def _html_banner(manifest: Manifest) -> str:
+    """The tiny-model banner, on the report and on every gallery page (they all show scores)."""
+    banner = _banner(manifest)
+    return f'<p class="banner">⚠ {html.escape(banner)}</p>' if banner else ""
+
+
+def _html(run: _Run, rows: Sequence[_Row], breakdowns: Sequence[tuple[str, list[_Row]]],
+          pages: dict[str, list[str]], tables: Sequence[Table]) -> str:
     esc = html.escape
     title = f"editstack report: {run.folder.name}"
-    parts = [f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-             f"<style>{_CSS}</style></head><body>", f"<h1>{esc(title)}</h1>"]
-    if banner := _banner(run.manifest):
-        parts.append(f'<p class="banner">⚠ {esc(banner)}</p>')
+    parts = [_html_head(title), f"<h1>{esc(title)}</h1>", _html_banner(run.manifest)]
     parts.append('<ul class="facts">' + "".join(f"<li><b>{esc(label)}</b>: {esc(text)}</li>"
                                                 for label, text in _facts(run)) + "</ul>")
     parts.append(_html_table("category", rows, total=True))
     parts.append(f"<p>{esc(_counting_note(rows[-1]))}</p><p>{esc(_interval_note())}</p>")
-    for kind, table in _breakdowns(run.records):
+    for table in tables:
+        parts.append(f"<h2>{esc(table.title)}</h2><table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in table.columns)
+                     + "</tr>" + "".join("<tr>" + "".join(f'<td{"" if k == 0 else " class=n"}>{esc(_cell(c))}</td>'
+                                                        for k, c in enumerate(row)) + "</tr>" for row in table.rows)
+                     + f"</table><p>{esc(table.note)}</p>")
+    for kind, table in breakdowns:
         parts.append(f"<h2>By {kind}</h2>{_html_table(kind, table, total=False)}")
     if spreads := _spreads(run.records):
         header, cells, note = _spread_lines(spreads)
@@ -472,21 +569,12 @@ def _html(run: _Run, rows: Sequence[_Row]) -> str:
                      + f"</table><p>{esc(note)}</p>")
     if problems := _problems(run):
         parts.append(f"<h2>Problems ({len(problems)})</h2><ul>" + "".join(f"<li>{esc(p)}</li>" for p in problems) + "</ul>")
-
-    thumbnails: dict[Path, str] = {}  # sources are often shared (one image, several instructions)
-    for row in rows[:-1]:
-        parts.append(f"<h2>{esc(row.category)}</h2><p>{row.items} item(s), {row.scored} scored, {row.failed} failed</p>"
-                     '<table class="gallery"><tr><th>source</th><th>reference</th><th>edit</th><th>instruction</th>'
-                     "<th>scores</th></tr>")
-        for record in (r for r in run.records if r.category == row.category):
-            edit = run.folder / record.edit.path if record.edit.path else None  # absolute paths stay absolute
-            language = f" <span class=sub>[{esc(record.language)}]</span>" if record.language else ""
-            sources = "".join(_image_cell(Path(source), thumbnails) for source in record.sources)
-            parts.append(f"<tr><td>{sources}</td><td>{_references_cell(record, thumbnails)}</td>"
-                         f"<td>{_image_cell(edit, thumbnails)}</td>"
-                         f"<td><b>{esc(record.id)}</b>{language}<br>{esc(record.instruction)}</td>"
-                         f"<td>{_outcome_cell(record)}</td></tr>")
-        parts.append("</table>")
+    parts.append("<h2>Gallery</h2><p>Each item's source, references, edit, instruction and scores or error, "
+                 f"{PAGE_ITEMS} items to a page.</p><table><tr><th>category</th><th>items</th><th>pages</th></tr>"
+                 + "".join(f'<tr><td>{esc(row.category)}</td><td class="n">{row.items}</td><td>'
+                           + " ".join(f'<a href="{GALLERY_NAME}/{esc(name)}">{n}</a>'
+                                      for n, name in enumerate(pages[row.category], 1)) + "</td></tr>"
+                           for row in rows[:-1]) + "</table>")
     if unselected := run.manifest.dataset.unselected_problems:
         parts.append(f"<details><summary>{len(unselected)} dataset problem(s) in items outside this run's "
                      "selection</summary><ul>" + "".join(f"<li>{esc(p)}</li>" for p in unselected) + "</ul></details>")
@@ -494,9 +582,65 @@ def _html(run: _Run, rows: Sequence[_Row]) -> str:
     return "\n".join(parts)
 
 
-def _references_cell(record: ItemRecord, thumbnails: dict[Path, str]) -> str:
+# ---- the gallery -------------------------------------------------------------------------------
+
+def _write_gallery(run: _Run, rows: Sequence[_Row], folder: Path) -> tuple[dict[str, list[str]], int]:
+    """Write the gallery pages that changed, and remove those no category has any more; the page
+    names by category, and how many pages were written. One page is in memory at a time."""
+    thumbnails = _Thumbnails(run.folder)
+    pages: dict[str, list[str]] = {}
+    written = 0
+    by_category = itertools.groupby(run.records, key=lambda record: record.category)  # records: sorted
+    for row, (category, group) in zip(rows[:-1], by_category, strict=True):
+        records = list(group)
+        chunks = [records[start:start + PAGE_ITEMS] for start in range(0, len(records), PAGE_ITEMS)]
+        pages[category] = names = _page_names(category, len(chunks))
+        for number, (name, chunk) in enumerate(zip(names, chunks, strict=True)):
+            written += write_if_changed(folder / name, _gallery_page(run, row, names, number, chunk, thumbnails))
+    current = {name for names in pages.values() for name in names}
+    for page in folder.glob("*.html"):
+        if page.name not in current:
+            page.unlink()
+    return pages, written
+
+
+def _page_names(category: str, count: int) -> list[str]:
+    """The file names of a category's `count` gallery pages: its letters and digits, and a hash of
+    it, so that names that differ only in other characters (or have none else: 物理) never collide."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", category).strip("-")[:40]
+    stem = f"{slug}-{_digest(category)[:8]}" if slug else _digest(category)[:8]
+    return [f"{stem}-{n}.html" for n in range(1, count + 1)]
+
+
+def _gallery_page(run: _Run, row: _Row, names: Sequence[str], number: int, records: Sequence[ItemRecord],
+                  thumbnails: _Thumbnails) -> str:
+    """Page `number` (from 0) of a category's gallery: its `records`, and links to the report and to
+    the category's other pages."""
+    esc = html.escape
+    several = len(names) > 1
+    title = f"editstack report: {run.folder.name}: {row.category}" + (f" ({number + 1}/{len(names)})" if several else "")
+    pages = " ".join(f"<b>{k}</b>" if k == number + 1 else f'<a href="{esc(name)}">{k}</a>'
+                     for k, name in enumerate(names, 1))
+    parts = [_html_head(title), f'<p><a href="../report.html">← {esc(run.folder.name)}: report</a></p>',
+             f"<h1>{esc(row.category)}</h1>", _html_banner(run.manifest),
+             f"<p>{row.items} item(s), {row.scored} scored, {row.failed} failed" + (f"; page {pages}" if several else "")
+             + "</p>",
+             '<table class="gallery"><tr><th>source</th><th>reference</th><th>edit</th><th>instruction</th>'
+             "<th>scores</th></tr>"]
+    for record in records:
+        language = f" <span class=sub>[{esc(record.language)}]</span>" if record.language else ""
+        sources = "".join(thumbnails.cell(source) for source in record.sources)
+        parts.append(f"<tr><td>{sources}</td><td>{_references_cell(record, thumbnails)}</td>"
+                     f"<td>{thumbnails.cell(record.edit.path)}</td>"
+                     f"<td><b>{esc(record.id)}</b>{language}<br>{esc(record.instruction)}</td>"
+                     f"<td>{_outcome_cell(record)}</td></tr>")
+    parts.append("</table></body></html>\n")
+    return "\n".join(parts)
+
+
+def _references_cell(record: ItemRecord, thumbnails: _Thumbnails) -> str:
     """What the edit is judged against: reference images as thumbnails, texts and explanations as text."""
-    cells = [_image_cell(Path(r.value), thumbnails) if r.kind == "image"
+    cells = [thumbnails.cell(r.value) if r.kind == "image"
              else f'<div class="sub"><i>{html.escape(r.kind)}</i>: {html.escape(_short(r.value))}</div>'
              for r in record.references]
     return "".join(cells) or _DASH
@@ -507,8 +651,8 @@ def _outcome_cell(record: ItemRecord) -> str:
     if record.status == "scored" and record.score is not None:
         s = record.score
         subs = " · ".join(f"{esc(name)} {value:.2f}" for name, value in s.sub_scores.items())
-        return (f'<div class="scores">SC <b>{_number(s.sc)}</b> · PQ <b>{_number(s.pq)}</b> · '
-                f'overall <b>{_number(s.overall)}</b></div><div class="sub">{subs}</div>')
+        groups = f"SC <b>{_number(s.sc)}</b> · PQ <b>{_number(s.pq)}</b> · " if s.sc is not None else ""
+        return (f'<div class="scores">{groups}overall <b>{_number(s.overall)}</b></div><div class="sub">{subs}</div>')
     if record.status == "failed" and record.error is not None:
         e = record.error
         return (f'<div class="err">failed at {esc(e.stage)}: {esc(e.code)}</div>'
@@ -516,34 +660,119 @@ def _outcome_cell(record: ItemRecord) -> str:
     return '<div class="sub">edited, not scored</div>'
 
 
-def _image_cell(path: Path | None, thumbnails: dict[Path, str]) -> str:
-    """A thumbnail as an inline data: URI, or a placeholder saying why there is none."""
-    if path is None:
-        return '<div class="ph">no edit</div>'
-    if path not in thumbnails:
-        thumbnails[path] = _thumbnail(path)
-    return thumbnails[path]
+# ---- thumbnails --------------------------------------------------------------------------------
+
+class ThumbnailWriter:
+    """Makes each finished item's thumbnails while the run goes on, on a thread of its own so no stage
+    waits for them; the report then finds them made. A thumbnail that cannot be made is logged and
+    left to the report's placeholder: it never fails the item."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self._thumbnails = _Thumbnails(Path(run_dir))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thumbnails")
+
+    def add(self, record: ItemRecord) -> None:
+        """Queue the thumbnails of `record`'s images (thread-safe)."""
+        self._executor.submit(self._make, record)
+
+    def close(self) -> None:
+        """Wait for the queued thumbnails."""
+        self._executor.shutdown(wait=True)
+
+    def _make(self, record: ItemRecord) -> None:
+        try:
+            for image in _images(record):
+                self._thumbnails.cell(image)
+        except Exception:  # a defect: the executor would keep it in a Future nobody reads, so say it here
+            log.exception("report: the thumbnails of item %r were not made", record.id)
 
 
-def _thumbnail(path: Path) -> str:
-    if not path.is_file():
-        log.warning("report: image %s is missing", path)
-        return '<div class="ph">missing</div>'
+def _images(record: ItemRecord) -> Iterator[str]:
+    """The images a gallery row shows, as the record names them (relative to the run folder, or absolute)."""
+    if record.edit.path:
+        yield record.edit.path
+    yield from record.sources
+    yield from (r.value for r in record.references if r.kind == "image")
+
+
+class _Thumbnails:
+    """The thumbnail files under <run>/thumbs, one per image, named by a hash of the image's path:
+    made when missing or older than their image, reused otherwise."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.folder = run_dir / THUMBS_NAME
+        self._cells: dict[str, str] = {}  # sources are often shared (one image, several instructions)
+
+    def cell(self, image: str | None) -> str:
+        """`image` as a gallery page shows it: its thumbnail (made if need be), or a placeholder saying
+        why there is none."""
+        if image is None:
+            return _placeholder("no edit")
+        if image not in self._cells:
+            self._cells[image] = self._cell(image)
+        return self._cells[image]
+
+    def _cell(self, image: str) -> str:
+        path = self.run_dir / image  # an absolute path stays absolute
+        try:
+            info = path.stat()
+        except OSError:
+            info = None
+        if info is None or not stat.S_ISREG(info.st_mode):
+            log.warning("report: image %s is missing", path)
+            return _placeholder("missing")
+        key = _digest(image)
+        name = next((thumb.name for thumb in (self.folder / f"{key}.jpg", self.folder / f"{key}.png")
+                     if _fresh(thumb, info.st_mtime_ns)), None)
+        if name is None:
+            try:
+                data, extension = _thumbnail(path)
+            except Exception as exc:  # Pillow raises OSError, SyntaxError, DecompressionBombError... for bad files
+                log.warning("report: image %s is unreadable: %s", path, exc)
+                return _placeholder("unreadable")
+            name = f"{key}.{extension}"
+            try:
+                # no fsync: a thumbnail is made again from its image, and one a crash emptied is not fresh
+                write_atomic(self.folder / name, data, durable=False)
+            except OSError as exc:
+                log.warning("report: the thumbnail of %s was not written: %s", path, exc)
+                return _placeholder(f"no thumbnail: {exc.strerror or exc}")
+        return (f'<img src="../{THUMBS_NAME}/{name}" alt="{html.escape(path.name)}" title="{html.escape(str(path))}" '
+                'loading="lazy">')
+
+
+def _fresh(thumb: Path, image_mtime_ns: int) -> bool:
+    """A thumbnail made since its image last changed (an empty one, left by a crash, is not)."""
     try:
-        with Image.open(path) as image:
-            image.draft("RGB", (THUMBNAIL_PX, THUMBNAIL_PX))  # JPEG sources decode at reduced size: fast
-            alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-            thumb = image.convert("RGBA" if alpha else "RGB")
-        thumb.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-        # JPEG keeps a gallery of thousands of items small; PNG only where transparency must survive.
-        fmt, options = ("PNG", {}) if alpha else ("JPEG", {"quality": 85})
-        out = io.BytesIO()
-        thumb.save(out, format=fmt, **options)
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, DecompressionBombError... for bad files
-        log.warning("report: image %s is unreadable: %s", path, exc)
-        return '<div class="ph">unreadable</div>'
-    return (f'<img src="data:image/{fmt.lower()};base64,{base64.b64encode(out.getvalue()).decode()}" '
-            f'alt="{html.escape(path.name)}" title="{html.escape(str(path))}">')
+        info = thumb.stat()
+    except OSError:
+        return False
+    return info.st_size > 0 and info.st_mtime_ns >= image_mtime_ns
+
+
+def _thumbnail(path: Path) -> tuple[bytes, str]:
+    """The thumbnail of the image at `path`: its bytes and file extension."""
+    with Image.open(path) as image:
+        image.draft("RGB", (THUMBNAIL_PX, THUMBNAIL_PX))  # JPEG sources decode at reduced size: fast
+        alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+        thumb = image.convert("RGBA" if alpha else "RGB")
+    thumb.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    # JPEG keeps a gallery of thousands of items small; PNG only where transparency must survive.
+    out = io.BytesIO()
+    if alpha:
+        thumb.save(out, format="PNG")
+        return out.getvalue(), "png"
+    thumb.save(out, format="JPEG", quality=85)
+    return out.getvalue(), "jpg"
+
+
+def _placeholder(reason: str) -> str:
+    return f'<div class="ph">{html.escape(reason)}</div>'
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
 
 # ---- command line ------------------------------------------------------------------------------

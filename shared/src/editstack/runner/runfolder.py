@@ -6,6 +6,7 @@
       edits/<category>/<id>.png
       results.jsonl      one `ItemRecord` per line, appended and flushed as each item finishes
       report.md, report.html, summary.json, summary.csv, summary.meta.json
+      gallery/<category>-<n>.html, thumbs/<hash>.jpg   report.html's gallery pages and their thumbnails
       .lock              held by the runner writing the folder (`RunFolderLock`)
 
 The runner is the folder's only writer (the lock refuses a second one); it builds records and the manifest from these types only,
@@ -37,8 +38,8 @@ import msgspec
 from editstack.errors import RunFolderError
 from editstack.runner.config import RunConfig
 from editstack.runner.datasets import Reference
-from editstack.runner.files import remove_partials, write_atomic
-from editstack.wire.protocol import ErrorCode, Identity, Status, Verdict
+from editstack.runner.files import remove_partials, write_atomic, write_if_changed
+from editstack.wire.protocol import ErrorCode, Identity, Status, Usage, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,10 @@ class ItemRecord(msgspec.Struct, frozen=True, kw_only=True):
     editor: Identity | None = None
     judge: JudgeIdentity | None = None
     finished_at: str
+    # the judge calls made for the item's score (None: none, the judge cache answered or the item
+    # failed before the judge) and whether the cache answered (ScoreResult.cached)
+    usage: Usage | None = None
+    cached: bool = False
 
     def __post_init__(self) -> None:
         _check_schema(self.schema, "the record")
@@ -181,9 +186,11 @@ class Journal:
         return contents
 
     def rewrite(self, records: Iterable[ItemRecord]) -> None:
-        """Replace the journal with exactly `records` (atomically): how resume drops failed items."""
+        """Replace the journal with exactly `records` (atomically): how resume drops failed items.
+        A journal that already holds exactly them, one line each, is left as it is: a resume with
+        nothing to drop writes nothing (a torn or unterminated last line differs, so it goes)."""
         with self._lock:
-            write_atomic(self.path, b"".join(_line(r) for r in records))
+            write_if_changed(self.path, b"".join(_line(r) for r in records))
 
     def append(self, record: ItemRecord) -> None:
         with self._lock, open(self.path, "ab") as out:
@@ -251,13 +258,29 @@ class Timings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Counts(msgspec.Struct, frozen=True, kw_only=True):
+    """Items by status; and of the items whose score came from the scorer, how many its judge cache
+    answered (hits) and how many the judge was asked for (misses)."""
+
     scored: int = 0
     edited: int = 0
     failed: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+
+class EndpointUse(msgspec.Struct, frozen=True, kw_only=True):
+    """One service endpoint's share of a run: the items it answered for, and its failed attempts
+    (batches it took and handed back to the other endpoints: no reply, loading, busy, refused)."""
+
+    service: str  # "editor" or "scorer"
+    endpoint: str
+    items: int = 0
+    failed_attempts: int = 0
 
 
 class Manifest(msgspec.Struct, frozen=True, kw_only=True):
-    """What produced the run; `finished_at`, `timings` and `counts` are filled in when it ends."""
+    """What produced the run; `finished_at`, `timings`, `counts`, `judge_usage` and `endpoints` are
+    filled in when it ends."""
 
     schema: int
     editstack_version: str
@@ -274,6 +297,8 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     embedded_tiny: EmbeddedTiny = EmbeddedTiny()
     timings: Timings | None = None
     counts: Counts | None = None
+    judge_usage: Usage | None = None  # the judge calls of every record's score, summed (ItemRecord.usage)
+    endpoints: list[EndpointUse] = []
 
     def __post_init__(self) -> None:
         _check_schema(self.schema, "the manifest")

@@ -18,7 +18,8 @@ Messages by direction (the "op" tag is the wire name; renaming a class never cha
 A service's states: loading → ready, or loading → failed when its model cannot load (the process
 stays up so that `ping` can say why: Status.error holds the root cause in one line). `ping` is
 answered in every state; work requests made while loading get ErrorReply(code="loading",
-retryable=True), while failed ErrorReply(code="failed"). A work request may carry `deadline_s`:
+retryable=True) (so does a batch whose worker process died under it: the worker reloads), while
+failed ErrorReply(code="failed"). A work request may carry `deadline_s`:
 a service does not start it later than that many seconds after it arrived (its client has given
 up on it by then), and answers ErrorReply(code="expired") instead. One bad item never fails its batch: it gets an
 ItemError in its result, and never a made-up image or score. A judgement is a `Verdict`: the same
@@ -167,6 +168,8 @@ class EditDefaults(msgspec.Struct, frozen=True, kw_only=True):
     condition_max_px: int | None = None  # None: the pipeline's own conditioning size
     batch_size: int = 1  # items per pipeline call
     limits: dict[str, int] = {}  # the editor's limits by setting: max_message_bytes, max_image_px, ...
+    offload: str = "none"  # where weights wait between uses: "none" (on the device), "model" or "group" (CPU)
+    layerwise_cast: str = ""  # the transformer's weights' storage dtype (float8_e4m3fn, ...); "" = off
 
 
 class ScoreDefaults(msgspec.Struct, frozen=True, kw_only=True):
@@ -182,6 +185,9 @@ class ScoreDefaults(msgspec.Struct, frozen=True, kw_only=True):
     judge_image_px: int | None = None  # the area each image is shown to the judge at; 0 = as sent
     rubric_sha256: str = ""  # the hash of the default rubric's text
     limits: dict[str, int] = {}  # the scorer's limits by setting: max_message_bytes, max_image_px, ...
+    # modes this judge cannot score in, each with why (a server that returns no logprobs has no
+    # logits mode); a request in one fails its items with bad_param, never switched to another mode
+    unavailable_modes: dict[str, str] = {}
 
 
 class Status(msgspec.Struct, tag="status", tag_field="op", frozen=True, kw_only=True):
@@ -262,14 +268,31 @@ class Verdict(msgspec.Struct, frozen=True, kw_only=True):
     visual_tokens: int = 0
 
 
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    """What the judge calls for one item cost: how many, their prompt and completion tokens as the judge
+    counts them (an API server's `usage`; the transformers judge's token ids, image tokens included,
+    padding not), and their seconds (a batched pass's time shared among its items)."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    judge_s: float = 0.0
+
+
 class ScoreResult(msgspec.Struct, frozen=True):
-    """One item's outcome: a Verdict, or an error (never both); `notes` reports conversions made."""
+    """One item's outcome: a Verdict, or an error (never both); `notes` reports conversions made.
+
+    `cached`: the scorer's judge cache answered every judgement the item needed, so the judge was not
+    asked. `usage`: the judge calls made for it now (None when none was: a cache hit, or an item
+    refused before the judge)."""
 
     id: str
     verdict: Verdict | None = None
     error: ItemError | None = None
     elapsed_s: float = 0.0
     notes: list[str] = []
+    cached: bool = False
+    usage: Usage | None = None
 
 
 class ScoreReply(msgspec.Struct, tag="score_reply", tag_field="op", frozen=True):
