@@ -13,6 +13,7 @@ from typing import get_args
 
 import pytest
 
+from editstack.errors import ConfigError
 from editstack.runner.config import ProtocolId, load_config
 from editstack.runner.pipeline import run
 from editstack.runner.protocols import PROTOCOLS, protocol_for, rise_item_score
@@ -235,3 +236,14 @@ def test_a_run_of_each_benchmark_writes_its_own_tables_with_its_judge_named(tmp_
         in report and "this run's judge is fake-judge" in report
     assert f"{rubric} 1 (sha256 " in report  # the rubric named with the hash of its text
     assert f"<h2>{titles[0]}</h2>" in (run_dir / "report.html").read_text()
+
+
+def test_a_benchmark_protocol_refuses_another_rubric_before_anything_is_judged(tmp_path, fake) -> None:
+    worker, endpoints = fake
+    dataset = _imgedit_fixture(tmp_path / "imgedit")
+    config = load_config(None, {"dataset": str(dataset), "run_dir": str(tmp_path / "run"),
+                                "editor.endpoints": [endpoints["editor"]], "scorer.endpoint": endpoints["scorer"],
+                                "scorer.rubric": "kris"})
+    with pytest.raises(ConfigError, match="protocol 'imgedit' judges with its rubric 'imgedit', not 'kris'"):
+        run(config)
+    assert not worker.items and not (tmp_path / "run").exists()

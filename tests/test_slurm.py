@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,13 +33,15 @@ def cluster() -> Iterator[dict[str, str]]:
             pytest.fail("the Slurm test needs root (slurmd runs jobs as their users)")
         pytest.skip("the Slurm test needs root (slurmd runs jobs as their users)")
     folder = Path(tempfile.mkdtemp(prefix="es-slurm-", dir="/tmp"))
-    up = subprocess.run([ROOT / "scripts/slurm/cluster", "up", folder], capture_output=True, text=True, timeout=600)
     try:
+        up = subprocess.run([ROOT / "scripts/slurm/cluster", "up", folder], capture_output=True, text=True,
+                            timeout=600)
         assert up.returncode == 0, f"the cluster did not come up:\n{up.stdout}\n{up.stderr}"
         yield {**os.environ, "SLURM_CONF": str(folder / "slurm.conf")}
     finally:
         pids = [int(p.read_text()) for p in folder.glob("*.pid")]
         subprocess.run([ROOT / "scripts/slurm/cluster", "down", folder], timeout=120, check=True)
+        shutil.rmtree(folder, ignore_errors=True)
         assert pids and not [pid for pid in pids if Path(f"/proc/{pid}").exists()], "a daemon outlived the cluster"
 
 

@@ -2,7 +2,8 @@
 through editstack's own services (issue 16).
 
     scripts/gpu-figures [editor|scorer|both] [ARGS...]    # the GPU machine: carried wheels, PYTHONPATHs
-    scripts/benchmarks/gpu.py --size tiny --side 256 ...  # here: the same path, tiny models on the CPU
+    EDITSTACK_EDITOR_VENV=... EDITSTACK_SCORER_VENV=... python scripts/benchmarks/gpu.py --size tiny --side 256
+                                                          # here: the same path, tiny models on the CPU
 
 editor  Qwen-Image-Edit-2509 (QwenImageEditPlusPipeline: a 20.4 B transformer, the 8.3 B Qwen2.5-VL-7B
         text encoder, the VAE) made in bf16 on the GPU by editstack_editor.tiny, saved with
@@ -40,6 +41,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import msgspec
@@ -437,11 +439,9 @@ def two_workers(devices: str, args: argparse.Namespace, folder: Path, tmp: Path,
             edit_once(clients[0], image, 4, args.side)
         one = n / (time.perf_counter() - start)
         start = time.perf_counter()
-        threads = [threading.Thread(target=edit_once, args=(c, image, 4, args.side)) for c in clients]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        with ThreadPoolExecutor(len(clients)) as pool:  # .result() raises an edit's failure: no figure then
+            for future in [pool.submit(edit_once, c, image, 4, args.side) for c in clients]:
+                future.result()
         many = n / (time.perf_counter() - start)
         for client in clients:
             client.close()

@@ -100,13 +100,14 @@ def main() -> None:
             cases[name] = _score_call(client, images, mode, outcomes[name])
         for side in LARGE_SIDES:
             client = stack.enter_context(Client(judge.endpoint, timeout_s=300, retries=0))
-            cases[f"logits_{side}"] = _score_call(client, large[side], "logits", Counter())
+            outcomes[f"logits_{side}"] = Counter()
+            cases[f"logits_{side}"] = _score_call(client, large[side], "logits", outcomes[f"logits_{side}"])
         times = measure(cases, args.repeats)
         threads = torch_threads("scorer")
 
     median = print_times(times, f"request of {BATCH} items")
     for name, counted in outcomes.items():
-        summary = ", ".join(f"{n} {code} after {attempts} generation(s)" if name != "logits" else f"{n} {code}"
+        summary = ", ".join(f"{n} {code} after {attempts} generation(s)" if not name.startswith("logits") else f"{n} {code}"
                             for (code, attempts), n in sorted(counted.items()))
         print(f"{name:>19}: items over all calls (warm-up included): {summary}")
     print(f"tiny judge build (once, before the starts; Python start + imports + build): {build_s:.2f} s")

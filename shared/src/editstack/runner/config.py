@@ -62,7 +62,7 @@ class ScorerConfig(msgspec.Struct, forbid_unknown_fields=True):
     deadline_s: Seconds = 600.0
     mode: JudgeMode | None = None
     protocol: ProtocolId | None = None
-    rubric: str | None = None  # a rubric other than the protocol's (e.g. one of the scorer's SCORER_RUBRIC_DIR)
+    rubric: str | None = None  # with the viescore protocol: a rubric other than the scorer's default
     # generate mode: sampled judgements per item (the scorer allows 1..16; more than 1 needs generate mode)
     judge_repeats: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
 

@@ -148,10 +148,16 @@ def run(config: RunConfig) -> int:
         log.info("dataset: %d problem(s) in items outside the selection (listed in the report)", len(unselected))
     if config.strict and problems:
         raise DatasetError(problems)
-    # the benchmark's protocol, and its rubric, unless the config names others; recorded resolved
+    # the benchmark's protocol and its rubric (recorded resolved); a benchmark's tables are built from
+    # its own rubric's dimensions, so another rubric goes with the viescore protocol's tables
     protocol = config.scorer.protocol or protocol_for(items[0].benchmark if items else "")
+    own = PROTOCOLS[protocol].rubric
+    if own is not None and config.scorer.rubric not in (None, own):
+        raise ConfigError(f"protocol {protocol!r} judges with its rubric {own!r}, not {config.scorer.rubric!r}: "
+                          f"for your own wording of it, put {own}.toml in the scorer's SCORER_RUBRIC_DIR; for "
+                          "another rubric, run with --protocol viescore")
     config = msgspec.structs.replace(config, scorer=msgspec.structs.replace(
-        config.scorer, protocol=protocol, rubric=config.scorer.rubric or PROTOCOLS[protocol].rubric))
+        config.scorer, protocol=protocol, rubric=config.scorer.rubric or own))
 
     published = _rendezvous(config)
     if published:  # the services' own endpoints, recorded in the run's config
@@ -227,7 +233,7 @@ class Pipeline:
         self.scorer = next(iter(scorers.values()), None)  # the judge's identity (all scorers share it)
         self.keys = keys or {}
         self.earlier = earlier
-        self.protocol = PROTOCOLS[config.scorer.protocol or "viescore"]
+        self.protocol = PROTOCOLS[config.scorer.protocol]  # resolved by run()
         self.limits = Limits()
         self.to_edit: WorkQueue[list[Item]] = WorkQueue(list(editors), config.editor.deadline_s)
         # back-pressure: edited items wait for the scorers up to queue_batches edit requests' worth
@@ -250,18 +256,20 @@ class Pipeline:
         self.to_edit.close()
         editing = self._threads("edit", self.editors, self.to_edit, self._edit_batch)
         scoring = self._threads("score", self.scorers, self.to_score, self._score_batch) if self.config.only != "edit" else []
-        for thread in editing + scoring:
-            thread.start()
-        if self.config.only != "edit":
-            self._queue_for_scoring(ready)
-        for thread in editing:
-            thread.join()
-        self.to_score.close()
-        for thread in scoring:
-            thread.join()
-        for bar in progress.values():
-            bar.close()
-        self.thumbnails.close()  # nothing records any more; the report comes next and shows them
+        try:
+            for thread in editing + scoring:
+                thread.start()
+            if self.config.only != "edit":
+                self._queue_for_scoring(ready)
+            for thread in editing:
+                thread.join()
+            self.to_score.close()
+            for thread in scoring:
+                thread.join()
+            for bar in progress.values():
+                bar.close()
+        finally:
+            self.thumbnails.close()  # nothing records any more; the report comes next and shows them
 
     # ---- edit stage --------------------------------------------------------------------------
 
@@ -798,7 +806,7 @@ def _manifest(config: RunConfig, editors: Sequence[Status], scorer: Status | Non
         editors=list(editors),
         scorer=scorer,
         rubric=_rubric_info(config.scorer.rubric, score_defaults),
-        protocol=config.scorer.protocol or "viescore",
+        protocol=config.scorer.protocol,
         params=RunParams(**params, seed=cfg.seed, seed_rule="item seed = (seed * 1000003 + crc32(item id)) mod 2^31",
                          from_editor_defaults=from_defaults),
         embedded_tiny=EmbeddedTiny(editor=any(s.embedded_tiny for s in editors),

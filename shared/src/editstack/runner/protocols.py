@@ -63,9 +63,9 @@ def _mean(values: Sequence[float]) -> float | None:
     return math.fsum(values) / len(values) if values else None
 
 
-def _percent(score: float | None, lo: int = 1) -> float | None:
+def _percent(score: float | None) -> float | None:
     """A 1-5 score on the benchmarks' 0-100 scale: (s - 1) x 25."""
-    return None if score is None else (score - lo) * 25
+    return None if score is None else (score - 1) * 25
 
 
 # ---- GEdit-Bench ------------------------------------------------------------------------------
@@ -111,8 +111,8 @@ def _gedit_table(title: str, records: Sequence[ItemRecord]) -> Table:
 # Kris_Bench metrics_*.py keep each item's 1-5 scores; the repository has no summarising script.
 # This follows the one most used with it (ByteDance-Seed/Bagel eval/gen/kris/summarize.py): every
 # score as (s - 1) x 25; per category and per group each dimension's mean over the items; AVG the
-# mean of every dimension value of every item (so a knowledge item, with four, weighs 4/3); knowledge
-# types and the overall are AVG only.
+# mean of every dimension value of every item (so a knowledge item, with four, weighs 4/3). Bagel
+# gives the knowledge types and the overall as AVG only; their dimension means are shown too.
 
 # metrics_knowledge.py judges these ten categories with the explanation (and knowledge plausibility);
 # metrics_view_change.py alone shows the ground-truth image; the other scripts use neither.
