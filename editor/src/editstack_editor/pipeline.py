@@ -75,8 +75,9 @@ class DiffusersEditor:
         if threads:
             torch.set_num_threads(threads)
         if torch.device(device).type == "cuda":
-            # libraries that allocate on the current device (group offloading's CUDA stream) use this one
-            torch.cuda.set_device(device)
+            # libraries that allocate on the current device (group offloading's CUDA stream) use this one;
+            # a bare "cuda" means the first device, as .to("cuda") does
+            torch.cuda.set_device(torch.device(device).index or 0)
         # read the class first: refusing an unsupported model should not cost loading its weights
         pipeline_class = DiffusionPipeline.load_config(model, revision=revision)["_class_name"]
         if pipeline_class not in _BATCHABLE:

@@ -18,7 +18,7 @@ from editstack.service.settings import settings_from_env
 from editstack.wire.protocol import ScoreDefaults, Status
 from editstack.wire.transport import Server
 
-from editstack_scorer.rubric import UnknownRubricError, load_rubric
+from editstack_scorer.rubric import load_rubric
 from editstack_scorer.settings import EMBEDDED_MODEL, ScorerSettings
 from editstack_scorer.worker import ScorerWorker
 
@@ -34,7 +34,7 @@ def main() -> int:
     except SettingsError as exc:
         print(f"scorer: {exc}", file=sys.stderr)
         return 2
-    except (UnknownRubricError, ValueError) as exc:  # it lists the known ones, or names the file's fault
+    except ValueError as exc:  # an UnknownRubricError lists the known ones; a bad file names its fault
         print(f"scorer: SCORER_RUBRIC={settings.rubric!r}: {exc}", file=sys.stderr)
         return 2
     # the HTTP client logs every request at INFO: thousands of lines a run; retries and failures are

@@ -100,7 +100,10 @@ class OpenAIJudge(JudgeBackend):
         probe = [{"role": "user", "content": "Reply with one digit."}]
         while True:
             try:
-                self.client.chat.completions.create(model=self.model, messages=probe, max_tokens=1)
+                # one try each, bounded by what is left: the client's own retries would outrun the deadline
+                left = max(1.0, min(self.timeout_s, deadline - time.monotonic()))
+                self.client.with_options(max_retries=0, timeout=left).chat.completions.create(
+                    model=self.model, messages=probe, max_tokens=1)
                 return
             except (openai.APIConnectionError, openai.InternalServerError) as exc:
                 if time.monotonic() + _PROBE_PAUSE_S > deadline:

@@ -20,14 +20,14 @@ import PIL.Image
 import msgspec
 
 from editstack.errors import ItemFailure
-from editstack.service.items import item_error, read_rgb, require_instruction
+from editstack.service.items import item_error, read_rgb, require_instruction, require_within
 from editstack.wire.codec import Blobs
 from editstack.wire.protocol import (EditRequest, ErrorReply, Reply, ScoreReply, ScoreRequest, ScoreResult, Usage,
                                      Verdict)
 
 from editstack_scorer.backend import Meter
 from editstack_scorer.cache import JudgeCache
-from editstack_scorer.rubric import MODES, Rubric, UnknownRubricError, load_rubric
+from editstack_scorer.rubric import MODES, Rubric, load_rubric
 from editstack_scorer.settings import ScorerSettings
 
 # Repeats one request may ask for: K sampled judgements cost K times the model time of one.
@@ -63,7 +63,7 @@ class ScorerWorker:
         else:
             try:
                 rubric = load_rubric(rubric_id, self.settings.rubric_dir)
-            except (UnknownRubricError, ValueError) as exc:  # unknown, or a user's file that does not check
+            except ValueError as exc:  # an UnknownRubricError, or a user's file that does not check
                 request_problem = f"field 'rubric': {exc}"
         repeats = request.repeats
         if request_problem is None and not 1 <= repeats <= MAX_REPEATS:
@@ -87,11 +87,8 @@ class ScorerWorker:
                 edited = read_rgb(item.id, "edited", item.edited, blobs, self.limits, notes)
                 references = [read_rgb(item.id, f"references[{k}]", ref, blobs, self.limits, notes)
                               for k, ref in enumerate(item.references)]
-                for field, text in (("reference_text", item.reference_text), ("explanation", item.explanation)):
-                    if len(text) > self.limits.max_instruction_chars:
-                        raise ItemFailure("limit_exceeded", f"item {item.id!r} field {field!r}: {len(text)} "
-                                                            f"characters is over the limit of "
-                                                            f"{self.limits.max_instruction_chars}")
+                require_within(item.id, "reference_text", item.reference_text, self.limits)
+                require_within(item.id, "explanation", item.explanation, self.limits)
             except ItemFailure as failure:
                 results[index] = ScoreResult(id=item.id, error=failure.error, notes=notes)
                 continue

@@ -32,10 +32,15 @@ def require_instruction(item_id: str, instruction: str, limits: Limits) -> str:
     for minutes while every other request waits)."""
     if not instruction.strip():
         raise ItemFailure("bad_instruction", f"item {item_id!r} field 'instruction': empty instruction")
-    if len(instruction) > limits.max_instruction_chars:
-        raise ItemFailure("limit_exceeded", f"item {item_id!r} field 'instruction': {len(instruction)} characters "
+    return require_within(item_id, "instruction", instruction, limits)
+
+
+def require_within(item_id: str, field: str, text: str, limits: Limits) -> str:
+    """`text`, unless it is longer than the limit on an item's texts (instruction, reference, explanation)."""
+    if len(text) > limits.max_instruction_chars:
+        raise ItemFailure("limit_exceeded", f"item {item_id!r} field {field!r}: {len(text)} characters "
                                             f"is over the limit of {limits.max_instruction_chars}")
-    return instruction
+    return text
 
 
 def item_error(item_id: str, failure: Exception) -> ItemError:

@@ -60,12 +60,13 @@ def publish(folder: Path, service: str, endpoint: str, security: ServerSecurity)
 def read_published(folder: Path) -> list[Published]:
     """The entries in `folder`, oldest first; a file that is no entry is logged and skipped."""
     entries = []
-    for path in sorted(Path(folder).glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name)):
-        try:
-            entries.append(msgspec.json.decode(path.read_bytes(), type=Published))
+    read = []
+    for path in Path(folder).glob("*.json"):
+        try:  # an entry may go between the listing and the read (a service's job ended)
+            read.append((path.stat().st_mtime, path.name, msgspec.json.decode(path.read_bytes(), type=Published)))
         except (OSError, msgspec.DecodeError) as exc:
             log.warning("rendezvous: skipped %s: %s", path, exc)
-    return entries
+    return [entry for _, _, entry in sorted(read, key=lambda r: r[:2])]
 
 
 def wait_published(folder: Path, wanted: Mapping[str, int], timeout_s: float) -> list[Published]:
