@@ -59,7 +59,6 @@ def publish(folder: Path, service: str, endpoint: str, security: ServerSecurity)
 
 def read_published(folder: Path) -> list[Published]:
     """The entries in `folder`, oldest first; a file that is no entry is logged and skipped."""
-    entries = []
     read = []
     for path in Path(folder).glob("*.json"):
         try:  # an entry may go between the listing and the read (a service's job ended)
