@@ -1,6 +1,7 @@
 """Worker processes (editstack.service.workers) in the real editor service: one child process per
 worker, a killed child's batch answered with a retryable error while ping keeps answering, the
-child restarted (and the service failed when it keeps dying), and no child left after SIGTERM."""
+child restarted (and the service failed when it keeps dying), and no child left after SIGTERM or
+after the service is killed."""
 
 from __future__ import annotations
 
@@ -70,9 +71,10 @@ def _ping(client: Client) -> Status | None:
         return None
 
 
-def _edit(client: Client, steps: int = 2) -> EditReply:
+def _edit(client: Client, steps: int = 2, size: int = 64) -> EditReply:
     blobs = Blobs()
-    item = EditItem(id="a", instruction="make the sky blue", images=[blobs.add(SOURCE)], seed=1, width=64, height=64)
+    item = EditItem(id="a", instruction="make the sky blue", images=[blobs.add(SOURCE)], seed=1, width=size,
+                    height=size)
     reply, _ = client.edit(EditRequest([item], EditParams(steps=steps)), blobs)
     return reply
 
@@ -143,9 +145,9 @@ def test_sigterm_mid_batch_stops_the_service_and_leaves_no_child_process(start_e
     children = _children(service.proc.pid)
     assert len(_workers(service.proc.pid)) == 1, children
 
-    def endless_edit() -> None:  # minutes of work: the child is busy, not waiting on its pipe
+    def endless_edit() -> None:  # about a minute of work: the child is busy, not waiting on its pipe
         with Client(service.endpoint, timeout_s=60, retries=0) as client, contextlib.suppress(EditstackError):
-            _edit(client, steps=1000)  # MAX_STEPS
+            _edit(client, steps=1000, size=256)
 
     threading.Thread(target=endless_edit, daemon=True).start()
     with Client(service.endpoint, timeout_s=2, retries=0) as client:
@@ -157,3 +159,25 @@ def test_sigterm_mid_batch_stops_the_service_and_leaves_no_child_process(start_e
     assert all(_process(pid) is None for pid in _workers_of(children)), children
     _wait_for(lambda: all(_process(pid) is None for pid in children), 5,
               f"children of the stopped service still run: {children}")
+
+
+
+
+def test_a_killed_service_takes_its_busy_worker_process_with_it(start_editor) -> None:
+    service = start_editor(threads="1")
+    [child] = _workers(service.proc.pid)
+
+    def long_edit() -> None:  # about a minute of work: the child would not read its pipe until its end
+        with Client(service.endpoint, timeout_s=60, retries=0) as client, contextlib.suppress(EditstackError):
+            _edit(client, steps=1000, size=256)
+
+    threading.Thread(target=long_edit, daemon=True).start()
+    with Client(service.endpoint, timeout_s=2, retries=0) as client:
+        _wait_for(lambda: (s := _ping(client)) and s.busy == 1, 60, "the edit never started")
+    service.proc.send_signal(signal.SIGKILL)
+    service.proc.wait(30)
+    try:
+        _wait_for(lambda: _process(child) is None, 5, f"the worker process {child} outlived its killed service")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)  # the test leaves no orphan, even failing

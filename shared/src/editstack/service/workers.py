@@ -18,13 +18,16 @@ its process sentinel: the request it held is answered ErrorReply("loading", retr
 the runner resends after a pause like any retryable error; the worker is taken off the server
 while a new child reloads the model, and put back once loaded. A load that raises fails the
 service at once with its cause, as a load in the service's own process does; a child that dies
-MAX_RESTARTS + 1 times in a row (loads included, no reply in between) fails it too.
+MAX_RESTARTS + 1 times in a row (loads included, no reply in between) fails it too. A child ends
+with its service, even one killed mid-edit: it would otherwise edit on, holding its GPU's memory.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -47,6 +50,7 @@ _SPAWN = multiprocessing.get_context("spawn")
 MAX_RESTARTS = 3
 _STOP_S = 5.0  # a child's time to exit after SIGTERM, before SIGKILL
 _REAP_S = 1.0
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 ChildLoad = Callable[[], tuple[Worker, str]]
 """Loads the model in the child: the worker, and its backend's name for Status.backend."""
@@ -85,7 +89,8 @@ class WorkerProcess:
         self._supervisor: threading.Thread | None = None
         self._exchange = threading.Lock()  # one request at a time on the pipe; a restart swaps it under this
         self._spawning = threading.Lock()  # stop() and a (re)start never interleave: no child outlives a stop
-        self._child: tuple[BaseProcess, Connection] | None = None
+        self._child: tuple[BaseProcess, Connection] | None = None  # the loaded child requests go to
+        self._newest: BaseProcess | None = None  # the last child started, loaded or still loading: stop() ends it
         self._stopping = False
         self._answered = False  # the current child has sent a reply
 
@@ -105,7 +110,7 @@ class WorkerProcess:
         gone; no restart follows."""
         with self._spawning:
             self._stopping = True
-            process = self._child[0] if self._child else None
+            process = self._newest
         if process is not None:
             # only the supervisor reaps (waitpid): a second reaper could signal a pid already reused
             process.terminate()
@@ -168,26 +173,31 @@ class WorkerProcess:
         """A new child with its model loaded, in place of the last one; None when the service is
         stopping, _ChildDied when the child dies first, _LoadFailed when its load raised."""
         ours, theirs = _SPAWN.Pipe()
-        process = _SPAWN.Process(target=_child_main, args=(theirs, self._load, self._limits, self.name),
+        process = _SPAWN.Process(target=_child_main, args=(theirs, self._load, self._limits, self.name, os.getpid()),
                                  name=f"worker-{self.name}", daemon=True)
         with self._spawning:
             if self._stopping:
                 return None
             process.start()
-            with self._exchange:  # never while a request is on the old pipe
-                if self._child:
-                    self._child[1].close()
-                self._child = (process, ours)
-                self._answered = False
+            self._newest = process
         theirs.close()  # the child holds its own copy: its death closes the pipe
         try:
             [first] = _receive_frames(ours, process)
         except _PipeClosed:
+            ours.close()
             raise _ChildDied(f"{_death(process)} while loading the model") from None
         loaded = msgspec.msgpack.decode(first, type=_Loaded)
         if loaded.error:
+            ours.close()
             raise _LoadFailed(loaded.error)
         self.backend = loaded.backend
+        # swapped in only now: a request taken before the worker left the server must not reach a
+        # child that is still loading, where it and the load's message would share one pipe
+        with self._exchange:  # never while a request is on the old pipe
+            if self._child:
+                self._child[1].close()
+            self._child = (process, ours)
+            self._answered = False
         return process
 
 
@@ -224,8 +234,22 @@ def _death(process: BaseProcess) -> str:
     return f"exited with status {code}"
 
 
-def _child_main(conn: Connection, load: ChildLoad, limits: Limits, name: str) -> None:
+def _die_with_service(service_pid: int) -> None:
+    """End this process when the service's supervising thread ends, the service's death included: a
+    child busy loading or editing would otherwise hold its GPU memory until it next reads its pipe,
+    and a service restarted meanwhile (compose, a Slurm requeue) would find the memory taken. Linux's
+    PR_SET_PDEATHSIG; elsewhere only the pipe tells."""
+    if not sys.platform.startswith("linux"):
+        return
+    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        log.warning("cannot ask to end with the service: prctl: %s", os.strerror(ctypes.get_errno()))
+    if os.getppid() != service_pid:  # it died before the request took effect
+        os._exit(1)
+
+
+def _child_main(conn: Connection, load: ChildLoad, limits: Limits, name: str, service_pid: int) -> None:
     """A worker process: load the model, say so, then answer requests until the service closes its end."""
+    _die_with_service(service_pid)
     # Ctrl-C reaches the whole process group; the service stops its children itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # SIGTERM ends it as an exit, not a kill: multiprocessing's resource tracker then sees the locks
