@@ -1,4 +1,4 @@
-"""Worker processes (editstack.service.workers) in the real editor service: one child process per
+"""Worker processes (editstack.service.workers) in the real editor and scorer services: one child process per
 worker, a killed child's batch answered with a retryable error while ping keeps answering, the
 child restarted (and the service failed when it keeps dying), and no child left after SIGTERM or
 after the service is killed."""
@@ -18,8 +18,10 @@ import pytest
 
 from editstack.errors import EditstackError, RemoteError
 from editstack.wire.codec import Blobs
-from editstack.wire.protocol import EditItem, EditParams, EditReply, EditRequest, Status
+from editstack.wire.protocol import EditItem, EditParams, EditReply, EditRequest, ScoreItem, ScoreRequest, Status
 from editstack.wire.transport import Client
+
+from conftest import service_python
 
 SOURCE = np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8)
 
@@ -86,6 +88,26 @@ def test_each_device_gets_its_own_worker_process(start_editor) -> None:
     with Client(service.endpoint, timeout_s=30) as client:
         assert client.ping().workers == 2
         assert _edit(client).items[0].error is None
+
+
+def test_each_scorer_device_gets_its_own_judge_process_restarted_when_it_dies(start_service, tiny_judge_dir) -> None:
+    service = start_service("scorer", [service_python("scorer"), "-m", "editstack_scorer"],
+                            env={"SCORER_TINY_DIR": str(tiny_judge_dir), "SCORER_DEVICES": "cpu,cpu",
+                                 "SCORER_THREADS": "1"})
+    workers = _workers(service.proc.pid)
+    assert len(workers) == 2, _children(service.proc.pid)
+    blobs = Blobs()
+    item = ScoreItem(id="a", instruction="make the sky blue", sources=[blobs.add(SOURCE)], edited=blobs.add(SOURCE))
+    with Client(service.endpoint, timeout_s=60) as client:
+        status = client.ping()
+        assert status.workers == 2 and status.devices == ["cpu", "cpu"], status
+        assert status.backend == "transformers/Qwen3VLForConditionalGeneration"
+        os.kill(workers[0], signal.SIGKILL)
+        _wait_for(lambda: (s := _ping(client)) and s.workers == 1, 30, "the killed judge was not taken off")
+        assert client.score(ScoreRequest([item]), blobs).items[0].verdict is not None  # on the other
+        _wait_for(lambda: (s := _ping(client)) and s.state == "ready" and s.workers == 2, 120,
+                  "the killed judge was not restarted")
+    assert "the worker process on cpu was killed by SIGKILL; restarting it" in service.log.read_text()
 
 
 def test_a_killed_worker_fails_its_batch_retryably_keeps_ping_answering_and_is_restarted(start_editor) -> None:

@@ -547,7 +547,7 @@ def scorer_phase(args: argparse.Namespace, results: Results, memory: Memory, dea
         results.put("scorer", gpu=gpu, size=args.size, device=args.device, dtype=args.dtype, side=args.side,
                     batch=batch, max_new_tokens=args.max_new_tokens, build_s=round(build_s, 1), stored=params)
         say(f"scorer: built in {build_s:.1f} s: {describe(params)}; {host_memory()}")
-        env = {"SCORER_MODEL": str(folder), "SCORER_DEVICE": args.device, "SCORER_DTYPE": args.dtype,
+        env = {"SCORER_MODEL": str(folder), "SCORER_DEVICES": args.device, "SCORER_DTYPE": args.dtype,
                "SCORER_BATCH_SIZE": str(batch), "SCORER_MAX_NEW_TOKENS": str(args.max_new_tokens),
                "SCORER_GENERATE_RETRIES": "0"}
         memory.reset()

@@ -41,7 +41,7 @@ def main() -> int:
     def status(server: Server) -> Status:
         return Status(service="editor", state="ready" if server.workers == len(devices) else "loading",
                       model=settings.model, revision=settings.revision, dtype=settings.dtype,
-                      backend=next((w.backend for w in workers if w.backend), ""),
+                      backend=next((w.loaded.backend for w in workers if w.loaded), ""),
                       embedded_tiny=is_tiny_model(settings.model_folder), devices=devices, versions=versions,
                       workers=server.workers, edit_defaults=defaults)
 

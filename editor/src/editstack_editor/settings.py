@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from editstack.errors import SettingsError
-from editstack.service.settings import LimitSettings
+from editstack.service.settings import LimitSettings, device_list
 from editstack.wire.transport import default_endpoint
 
 EMBEDDED_MODEL = "embedded-tiny"
@@ -72,7 +72,7 @@ class EditorSettings(LimitSettings, frozen=True):
 
     @property
     def device_list(self) -> list[str]:
-        return [d.strip() for d in self.devices.split(",") if d.strip()]
+        return device_list(self.devices)
 
     def check(self) -> EditorSettings:
         """These settings, or SettingsError for a combination no worker could load."""

@@ -20,6 +20,7 @@ from editstack.wire.protocol import EditItem, EditReply, EditRequest, EditResult
 from editstack.errors import ItemFailure
 from editstack.service.items import item_error, read_rgb, require_instruction
 from editstack.service.process import embedded_model
+from editstack.service.workers import Loaded
 
 from editstack_editor.settings import EMBEDDED_MODEL, IDENTITY_MODEL, EditorSettings
 
@@ -148,8 +149,8 @@ class EditorWorker:
         return width, height
 
 
-def load_worker(settings: EditorSettings, device: str) -> tuple[EditorWorker, str]:
-    """The worker on `device` with its model loaded, and its backend's name (run in its worker process)."""
+def load_worker(settings: EditorSettings, device: str) -> tuple[EditorWorker, Loaded]:
+    """The worker on `device` with its model loaded, and what Status says of it (run in its worker process)."""
     if settings.model == IDENTITY_MODEL:
         backend: Backend = IdentityBackend()
     else:
@@ -160,7 +161,7 @@ def load_worker(settings: EditorSettings, device: str) -> tuple[EditorWorker, st
         backend = DiffusersEditor(model, settings.revision or None, device, settings.dtype, settings.condition_cap_px,
                                   batch_size=settings.batch_size, threads=settings.threads, offload=settings.offload,
                                   layerwise_cast=settings.layerwise_cast)
-    return EditorWorker(backend, settings), backend.backend
+    return EditorWorker(backend, settings), Loaded(backend.backend)
 
 
 def _param_problem(steps: int, guidance: float) -> str | None:

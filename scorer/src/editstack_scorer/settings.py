@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from editstack.errors import SettingsError
-from editstack.service.settings import LimitSettings
+from editstack.service.settings import LimitSettings, device_list
 from editstack.wire.transport import default_endpoint
 from editstack.wire.protocol import JudgeMode
 
@@ -24,14 +24,15 @@ JUDGE_IMAGE_PX = 768 * 768
 
 
 class ScorerSettings(LimitSettings, frozen=True):
-    """SCORER_<FIELD> for each field, e.g. SCORER_MODEL=Qwen/Qwen3-VL-8B-Instruct, SCORER_DEVICE=cuda:0."""
+    """SCORER_<FIELD> for each field, e.g. SCORER_MODEL=Qwen/Qwen3-VL-8B-Instruct, SCORER_DEVICES=cuda:0,cuda:1."""
 
     other_names = ("gpu_ids",)  # SCORER_GPU_IDS: the host GPUs compose reserves for the scorer
 
     model: str = EMBEDDED_MODEL  # a model id or folder, or "embedded-tiny"
     revision: str = ""  # a branch, tag or commit of the model repository; "" = its default
     endpoint: str = default_endpoint("scorer")  # a private per-user folder; compose sets /run/editstack
-    device: str = "cpu"
+    # one judge process, with its own copy of the model, per listed device (the transformers backend)
+    devices: str = "cpu"
     dtype: str = "float32"  # float32, bfloat16, float16 or auto
     mode: JudgeMode = "logits"  # default scoring mode: logits or generate (a request may override)
     rubric: str = DEFAULT_RUBRIC  # default rubric id (a request may override)
@@ -83,6 +84,10 @@ class ScorerSettings(LimitSettings, frozen=True):
             return (f"SCORER_API_BASE is set but SCORER_BACKEND is {self.backend!r}: set SCORER_BACKEND=openai to "
                     "judge through that server")
         return None
+
+    @property
+    def device_list(self) -> list[str]:
+        return device_list(self.devices)
 
     @property
     def model_folder(self) -> str:

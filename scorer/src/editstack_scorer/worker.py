@@ -21,14 +21,16 @@ import msgspec
 
 from editstack.errors import ItemFailure
 from editstack.service.items import item_error, read_rgb, require_instruction, require_within
+from editstack.service.process import embedded_model
+from editstack.service.workers import Loaded
 from editstack.wire.codec import Blobs
 from editstack.wire.protocol import (EditRequest, ErrorReply, Reply, ScoreReply, ScoreRequest, ScoreResult, Usage,
                                      Verdict)
 
-from editstack_scorer.backend import Meter
+from editstack_scorer.backend import Meter, ScoreJob
 from editstack_scorer.cache import JudgeCache
 from editstack_scorer.rubric import MODES, Rubric, load_rubric
-from editstack_scorer.settings import ScorerSettings
+from editstack_scorer.settings import EMBEDDED_MODEL, ScorerSettings
 
 # Repeats one request may ask for: K sampled judgements cost K times the model time of one.
 MAX_REPEATS = 16
@@ -151,6 +153,20 @@ class ScorerWorker:
                 outcomes[i] = ItemFailure(out.error.code, f"repeat {repeat + 1} of {repeats}: {out.error.message}",
                                           raw=[*earlier, *out.error.raw])
         return [outcomes.get(i) or combine_repeats(done[i]) for i in range(len(jobs))], asked
+
+
+def load_worker(settings: ScorerSettings, device: str) -> tuple[ScorerWorker, Loaded]:
+    """The worker with the transformers judge loaded on `device`, and what Status says of it (run in
+    its worker process)."""
+    from editstack_scorer import tiny
+    from editstack_scorer.judge import Judge  # the one module that imports torch
+
+    model = embedded_model(settings.tiny_dir, tiny.build) if settings.model == EMBEDDED_MODEL else settings.model
+    judge = Judge(model, settings.revision or None, device, settings.dtype, max_new_tokens=settings.max_new_tokens,
+                  generate_retries=settings.generate_retries, threads=settings.threads,
+                  image_px=settings.judge_image_px)
+    cache = JudgeCache(settings.cache_dir, judge.fingerprint) if settings.cache_dir else None
+    return ScorerWorker(judge, ScoreJob, settings, cache), Loaded(judge.backend, judge.unavailable_modes)
 
 
 def combine_repeats(verdicts: Sequence[Verdict]) -> Verdict:

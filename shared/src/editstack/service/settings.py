@@ -54,6 +54,11 @@ class LimitSettings(msgspec.Struct, frozen=True):
         return ServerSecurity(self.curve_secret_key, self.curve_clients, self.insecure_tcp)
 
 
+def device_list(devices: str) -> list[str]:
+    """The devices of a comma-separated PREFIX_DEVICES value ("cuda:0, cuda:1"), one worker process each."""
+    return [device.strip() for device in devices.split(",") if device.strip()]
+
+
 def settings_from_env(cls: type[S], prefix: str, environ: Mapping[str, str] | None = None) -> S:
     """`cls` filled from PREFIX_FIELD variables (FIELD upper-cased), typed and checked by msgspec.
 

@@ -9,7 +9,7 @@ only the child's start pickles `load` (the service's own function and settings),
 multiprocessing's spawn does.
 
     parent → child   [version][request header][blob 0]…   a work request, as the server decoded it
-    child → parent   _Loaded (msgpack)                    once: the model loaded (its backend), or why not
+    child → parent   _Started (msgpack)                   once: the model loaded (what Status says of it), or why not
     child → parent   [version][reply header][blob 0]…     the reply to each request
 
 Each message is a frame count, then the frames. States of a worker: loading → serving → (dead →
@@ -52,14 +52,21 @@ _STOP_S = 5.0  # a child's time to exit after SIGTERM, before SIGKILL
 _REAP_S = 1.0
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
-ChildLoad = Callable[[], tuple[Worker, str]]
-"""Loads the model in the child: the worker, and its backend's name for Status.backend."""
+class Loaded(msgspec.Struct, frozen=True):
+    """What the service's Status says of a model loaded in a child."""
+
+    backend: str  # Status.backend: the library and class serving it
+    unavailable_modes: dict[str, str] = {}  # a scorer's ScoreDefaults.unavailable_modes: mode -> why
 
 
-class _Loaded(msgspec.Struct, frozen=True):
-    """The child's first message: its backend once the model loaded, or the load's failure cause."""
+ChildLoad = Callable[[], tuple[Worker, Loaded]]
+"""Loads the model in the child: the worker, and what Status says of it."""
 
-    backend: str = ""
+
+class _Started(msgspec.Struct, frozen=True):
+    """The child's first message: its model loaded, or the load's failure cause."""
+
+    loaded: Loaded | None = None
     error: str = ""
 
 
@@ -82,7 +89,7 @@ class WorkerProcess:
         """`name`: the device, in logs and errors. `load` runs in the child, so it must pickle (a
         module-level function, or a functools.partial of one)."""
         self.name = name
-        self.backend = ""  # set once a child has loaded
+        self.loaded: Loaded | None = None  # set once a child has loaded
         self._load = load
         self._limits = limits
         self._server: Server | None = None
@@ -186,11 +193,11 @@ class WorkerProcess:
         except _PipeClosed:
             ours.close()
             raise _ChildDied(f"{_death(process)} while loading the model") from None
-        loaded = msgspec.msgpack.decode(first, type=_Loaded)
-        if loaded.error:
+        started = msgspec.msgpack.decode(first, type=_Started)
+        if started.loaded is None:
             ours.close()
-            raise _LoadFailed(loaded.error)
-        self.backend = loaded.backend
+            raise _LoadFailed(started.error)
+        self.loaded = started.loaded
         # swapped in only now: a request taken before the worker left the server must not reach a
         # child that is still loading, where it and the load's message would share one pipe
         with self._exchange:  # never while a request is on the old pipe
@@ -258,12 +265,12 @@ def _child_main(conn: Connection, load: ChildLoad, limits: Limits, name: str, se
     configure_logging()
     try:
         try:
-            worker, backend = load()
+            worker, loaded = load()
         except Exception as exc:
             log.exception("the model failed to load on %s", name)  # the whole traceback, in the child
-            _send_frames(conn, [msgspec.msgpack.encode(_Loaded(error=load_failure_cause(exc)))])
+            _send_frames(conn, [msgspec.msgpack.encode(_Started(error=load_failure_cause(exc)))])
             return
-        _send_frames(conn, [msgspec.msgpack.encode(_Loaded(backend=backend))])
+        _send_frames(conn, [msgspec.msgpack.encode(_Started(loaded))])
         while True:
             frames = _receive_frames(conn)
             try:
