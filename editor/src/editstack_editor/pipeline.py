@@ -208,10 +208,14 @@ def _place(pipe: DiffusionPipeline, device: str, offload: str) -> None:
     elif offload == "group":
         # one block per group, streamed ahead of its use on CUDA. The VAE stays on the device: the
         # pipelines call vae.encode, not its forward, so block-level hooks leave its conv_in on the CPU
-        # (diffusers 0.39 on an H100: "weight type (CPUBFloat16Type)"), and it is small (0.13 B of ~29 B)
+        # (diffusers 0.39 on an H100: "weight type (CPUBFloat16Type)"), and it is small (0.13 B of ~29 B).
+        # Each block is pinned as it moves (low_cpu_mem_usage): streaming otherwise pins a copy of every
+        # weight at once beside the loaded one, two host copies (~116 GB for Qwen-Image-Edit-2509 in
+        # bf16), which the hosts of the small GPUs this is for do not have
         pipe.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
                                   offload_type="block_level", num_blocks_per_group=1,
-                                  use_stream=torch.device(device).type == "cuda", exclude_modules=["vae"])
+                                  use_stream=torch.device(device).type == "cuda", low_cpu_mem_usage=True,
+                                  exclude_modules=["vae"])
     else:
         pipe.to(device)
 
