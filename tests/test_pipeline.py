@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from editstack.errors import RunFolderError, ServiceNotReady
+from editstack.errors import ConfigError, RunFolderError, ServiceNotReady
 from editstack.runner.config import load_config
 from editstack.runner.pipeline import run
 from editstack.runner.runfolder import RESULTS_NAME, SCHEMA_VERSION, Journal, RunFolderLock, read_manifest
@@ -328,6 +328,23 @@ def test_several_scorers_share_the_items_and_each_is_scored_once(tmp_path, socke
     assert set(first_judge.items).isdisjoint(second_judge.items) and len(first_judge.items) + len(second_judge.items) == 10
     use = _use(tmp_path / "run")
     assert use[services["scorer"]][0] == len(first_judge.items) and use[second][0] == len(second_judge.items)
+
+
+def test_scorers_that_would_judge_differently_are_refused_before_anything_is_sent(tmp_path, sockets) -> None:
+    dataset = _dataset(tmp_path / "data", {"i0": "make it blue"})
+    second = f"ipc://{sockets}/scorer2.sock"
+
+    def sharper(server):  # the same judge and rubric, shown larger images: its verdicts differ
+        status = fake_scorer_status(server)
+        return msgspec.structs.replace(status, score_defaults=msgspec.structs.replace(
+            status.score_defaults, judge_image_px=2048 * 2048))
+
+    first_judge, second_judge = FakeScorerWorker(), FakeScorerWorker()
+    with fake_services(sockets, scorer_worker=first_judge) as services, \
+            in_process_service(second, sharper, second_judge), pytest.raises(ConfigError) as refused:
+        run(_config(tmp_path, services, dataset, **{"scorer.endpoints": [services["scorer"], second]}))
+    assert "are different judges (judge_image_px None vs 4194304)" in str(refused.value)
+    assert first_judge.requests == second_judge.requests == 0
 
 
 def test_a_batch_no_endpoint_serves_fails_after_the_deadline_with_the_last_cause(tmp_path, sockets) -> None:

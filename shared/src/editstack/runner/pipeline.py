@@ -172,9 +172,10 @@ def run(config: RunConfig) -> int:
     ready = wait_ready(roles, config.connect_timeout_s, config.load_timeout_s, keys)
     editors = {ep: ready[ep] for ep in roles if roles[ep] == "editor"}
     scorers = {ep: ready[ep] for ep in roles if roles[ep] == "scorer"}
-    _check_alike(editors, _EDITOR_FIELDS)
-    _check_alike(scorers, _EDITOR_FIELDS)
-    scorer = next(iter(scorers.values()), None)  # one judge: every scorer's identity is the same
+    _check_alike("editors", {ep: tuple(getattr(s.identity(), f) for f in _EDITOR_FIELDS) for ep, s in editors.items()},
+                 _EDITOR_FIELDS)
+    _check_alike("judges", {ep: _judge_alike(s, config) for ep, s in scorers.items()}, _JUDGE_ALIKE_FIELDS)
+    scorer = next(iter(scorers.values()), None)  # one judge: every scorer judges alike
 
     with RunFolderLock(run_dir):
         journal = Journal(run_dir / RESULTS_NAME)
@@ -629,6 +630,9 @@ def _judge(scorer: Status, verdict: Verdict | None) -> JudgeIdentity:
 
 _EDITOR_FIELDS = ("model", "revision", "dtype", "backend")
 _JUDGE_FIELDS = (*_EDITOR_FIELDS, "rubric_id", "rubric_version", "mode")
+# what else a verdict depends on, which every scorer of one run must share
+_JUDGE_SETTINGS = ("rubric_sha256", "judge_image_px", "max_new_tokens", "generate_retries")
+_JUDGE_ALIKE_FIELDS = (*_JUDGE_FIELDS, *_JUDGE_SETTINGS)
 
 
 def _check_provenance(run_dir: Path, kept: Iterable[ItemRecord], editors: dict[str, Status], scorer: Status | None,
@@ -663,6 +667,18 @@ def _judge_now(scorer: Status | None, config: RunConfig) -> tuple[str | None, ..
     version = defaults.rubric_version if defaults and rubric_id == defaults.rubric_id else None
     mode = config.scorer.mode or (defaults.mode if defaults else None)
     return (identity.model, identity.revision, identity.dtype, identity.backend, rubric_id, version, mode)
+
+
+def _judge_alike(scorer: Status, config: RunConfig) -> tuple[object, ...]:
+    """What must be the same on every scorer of a run (_JUDGE_ALIKE_FIELDS): the judge it would score
+    with, and the settings its verdicts depend on; the rubric's hash only where the run asks for the
+    scorer's default rubric (another's text is known from its verdicts alone)."""
+    judge = _judge_now(scorer, config)
+    defaults = scorer.score_defaults
+    if defaults is None:
+        return (*judge, None, None, None, None)
+    sha256 = defaults.rubric_sha256 if judge[_JUDGE_FIELDS.index("rubric_id")] == defaults.rubric_id else None
+    return (*judge, sha256, defaults.judge_image_px, defaults.max_new_tokens, defaults.generate_retries)
 
 
 def _provenance_message(run_dir: Path, record: ItemRecord, role: str, fields: Sequence[str],
@@ -759,14 +775,14 @@ def _client_keys(config: RunConfig, roles: Mapping[str, str], published: Sequenc
         raise ConfigError(f"curve: {exc}") from None
 
 
-def _check_alike(services: Mapping[str, Status], fields: Sequence[str]) -> None:
-    """Refuse endpoints of one role that serve different models: a run's numbers come from one editor
-    and one judge, never a mix. ConfigError names two that differ."""
-    seen = {tuple(getattr(s.identity(), f) for f in fields): endpoint for endpoint, s in services.items()}
+def _check_alike(role: str, facts: Mapping[str, tuple[object, ...]], fields: Sequence[str]) -> None:
+    """Refuse endpoints of one role whose `facts` (values of `fields`) differ: a run's numbers come
+    from one editor and one judge, never a mix. ConfigError names two endpoints and what differs."""
+    seen = {values: endpoint for endpoint, values in facts.items()}
     if len(seen) > 1:
         (a, first), (b, second) = list(seen.items())[:2]
-        raise ConfigError(f"{first} and {second} serve different models ({dict(zip(fields, a))} vs "
-                          f"{dict(zip(fields, b))}): a run uses one editor and one judge")
+        differ = "; ".join(f"{name} {x!r} vs {y!r}" for name, x, y in zip(fields, a, b, strict=True) if x != y)
+        raise ConfigError(f"{first} and {second} are different {role} ({differ}): a run uses one editor and one judge")
 
 
 def _ping(client: Client, budget_s: float) -> Status | None:
