@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
@@ -33,7 +33,7 @@ from editstack.wire.protocol import EditItem, EditRequest
 from editstack.wire.transport import Client
 
 from harness import (Service, build_tiny, cold_starts, load_average, machine, measure, print_times, short_dir,
-                     torch_threads)
+                     together, torch_threads)
 
 BATCH, SIDE = 4, 64
 CLIENTS = 2  # requests in flight at once in the workers cases: enough to keep two workers busy
@@ -59,16 +59,6 @@ def _edit_call(client: Client, images: list[np.ndarray], requests: int = 1) -> C
             reply, received = client.edit(*_request(images))
             assert all(r.error is None for r in reply.items), [r.error for r in reply.items]
             assert all(read_image(r.image, received, limits).shape == (SIDE, SIDE, 3) for r in reply.items)
-
-    return call
-
-
-def _together(pool: ThreadPoolExecutor, calls: Sequence[Callable[[], None]]) -> Callable[[], None]:
-    """One call that makes all `calls` at once (each on its own client and thread) and waits for all."""
-
-    def call() -> None:
-        for done in [pool.submit(c) for c in calls]:
-            done.result()
 
     return call
 
@@ -104,7 +94,7 @@ def main() -> None:
 
         times = measure({"tiny": edit_call(tiny), "identity": edit_call(identity)}, args.repeats)
         pool = stack.enter_context(ThreadPoolExecutor(CLIENTS))
-        worker_times = measure({name: _together(pool, [edit_call(s, REQUESTS) for _ in range(CLIENTS)])
+        worker_times = measure({name: together(pool, [edit_call(s, REQUESTS) for _ in range(CLIENTS)])
                                 for name, s in workers.items()}, args.repeats)
         threads = torch_threads("editor")
 

@@ -14,7 +14,8 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -166,6 +167,17 @@ def measure(cases: Mapping[str, Callable[[], object]], repeats: int,
             call()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def together(pool: ThreadPoolExecutor, calls: Sequence[Callable[[], None]]) -> Callable[[], None]:
+    """One call that makes all `calls` at once (each on its own client and thread) and waits for all:
+    what keeps several workers of one service busy."""
+
+    def call() -> None:
+        for done in [pool.submit(c) for c in calls]:
+            done.result()
+
+    return call
 
 
 def print_times(times: Mapping[str, list[float]], unit: str) -> dict[str, float]:
