@@ -10,6 +10,7 @@ small local HTTP server; the cache against `CountingJudge`, a stand-in judge tha
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -34,7 +35,8 @@ from editstack.wire.protocol import ScoreItem, ScoreReply, ScoreRequest, Verdict
 from editstack.wire.transport import Client
 from editstack_scorer.backend import ScoreJob
 from editstack_scorer.cache import JudgeCache
-from editstack_scorer.openai_judge import OpenAIJudge
+from editstack_scorer import openai_judge
+from editstack_scorer.openai_judge import ONE_TOKEN_TEN, OpenAIJudge
 from editstack_scorer.rubric import answer_distribution, expected_score, load_rubric
 from editstack_scorer.settings import ScorerSettings
 from editstack_scorer.worker import ScorerWorker
@@ -111,12 +113,31 @@ class FakeChatServer:
         self.server.server_close()
 
 
-def probes_then(scoring: Callable[[dict, int], Answer], logprobs: bool = True) -> Callable[[dict, int], Answer]:
-    """Answers the judge's two start-up probes (logprobs given or not), then `scoring` (n from 0 again)."""
+def is_probe(body: dict) -> bool:
+    """Whether a request is one of the judge's start-up probes: a question asks with the rubric's system turn."""
+    return body["messages"][0]["role"] != "system"
+
+
+def scoring_requests(server: FakeChatServer) -> list[tuple[float, dict]]:
+    return [(arrived, body) for arrived, body in server.requests if not is_probe(body)]
+
+
+def probes_then(scoring: Callable[[dict, int], Answer], logprobs: bool = True, continues: bool = True,
+                ten: str = "10") -> Callable[[dict, int], Answer]:
+    """Answers the judge's start-up probes as a server that gives logprobs or not, continues a
+    prefilled reply or refuses the field, and writes 10 with the first token `ten`; then each
+    question with `scoring` (n counting questions only)."""
+    questions = itertools.count()
+
     def answer(body: dict, n: int) -> Answer:
-        if n < 2:
-            return completion("5", {"5": 0.9} if logprobs and body.get("logprobs") else None)
-        return scoring(body, n - 2)
+        if not is_probe(body):
+            return scoring(body, next(questions))
+        if body.get("continue_final_message"):
+            return completion("0", {"0": 0.9}) if continues else refusal(
+                400, "Unrecognized request argument supplied: continue_final_message")
+        if "number 10" in body["messages"][0]["content"]:
+            return completion(ten, {ten: 0.8, "9": 0.1})
+        return completion("5", {"5": 0.9} if logprobs and body.get("logprobs") else None)
     return answer
 
 
@@ -140,7 +161,7 @@ def test_a_rate_limited_then_failing_request_is_retried_after_its_retry_after_an
     with FakeChatServer(probes_then(answer)) as server:
         scored = job()
         [verdict] = judge(server).score([scored], "generate", load_rubric("viescore"))
-        asked = server.requests[2:]
+        asked = scoring_requests(server)
     assert isinstance(verdict, Verdict), verdict
     assert verdict.sub_scores == {"instruction_followed": 8, "not_over_edited": 6, "naturalness": 7, "no_artifacts": 9}
     assert len(asked) == 4  # group sc: 429, 503, 200; group pq: 200
@@ -162,7 +183,7 @@ def test_a_request_that_finally_fails_fails_its_item_with_the_cause_never_a_scor
         started = time.monotonic()
         outcomes = judge(server).score([job(1), job(2)], "generate", load_rubric("viescore"))
         assert time.monotonic() - started < 10
-        asked = len(server.requests) - 2
+        asked = len(scoring_requests(server))
     assert asked == 2 * requests  # each job: the first try and the client's retries (2)
     for outcome in outcomes:
         assert isinstance(outcome, ItemFailure) and outcome.error.code == "model_error", outcome
@@ -174,10 +195,13 @@ def test_a_server_that_does_not_answer_in_time_fails_the_item_naming_the_timeout
         time.sleep(1.5)
         return completion(GOOD_REPLY)
 
+    timed_out = job()
     with FakeChatServer(probes_then(slow)) as server:
-        [outcome] = judge(server, timeout_s=0.5, retries=0).score([job()], "generate", load_rubric("viescore"))
+        [outcome] = judge(server, timeout_s=0.5, retries=0).score([timed_out], "generate", load_rubric("viescore"))
     assert isinstance(outcome, ItemFailure)
     assert "did not answer within 0.5 s, 0 retries included" in outcome.error.message
+    usage = timed_out.meter.usage()  # the wait was spent all the same
+    assert (usage.calls, usage.prompt_tokens) == (1, 0) and usage.judge_s >= 0.5
 
 
 def test_a_refused_key_stops_the_judge_at_start_without_showing_the_key(caplog) -> None:
@@ -212,15 +236,53 @@ def test_logits_mode_reads_top_logprobs_and_asks_what_follows_a_1_as_the_transfo
 def test_logits_mode_reads_a_single_token_10_as_the_answer_10_without_a_second_request() -> None:
     with FakeChatServer(probes_then(lambda body, n: completion("10", {"10": 0.6, "9": 0.3, "1": 0.1}))) as server:
         [verdict] = judge(server).score([job()], "logits", load_rubric("viescore"))
-        prefilled = [body for _, body in server.requests if body.get("continue_final_message")]
+        prefilled = [body for _, body in scoring_requests(server) if body.get("continue_final_message")]
     assert verdict.sub_scores["no_artifacts"] == pytest.approx(10 * .6 + 9 * .3 + 1 * .1) and not prefilled
+
+
+def test_a_server_that_cannot_continue_a_reply_but_writes_10_as_one_token_reads_a_lone_1_as_the_answer_1() -> None:
+    # OpenAI's own API: continue_final_message refused, "10" one token (below the top 20 here)
+    answer = lambda body, n: completion("1", {"1": 0.7, "2": 0.3})  # noqa: E731
+    with FakeChatServer(probes_then(answer, continues=False, ten="10")) as server:
+        served = judge(server)
+        [verdict] = served.score([job()], "logits", load_rubric("viescore"))
+        asked = scoring_requests(server)
+    assert served.fingerprint["ten"] == ONE_TOKEN_TEN  # it decides the answers, so it keys the cache
+    assert isinstance(verdict, Verdict) and verdict.sub_scores["naturalness"] == pytest.approx(1 * .7 + 2 * .3)
+    assert not [body for _, body in asked if body.get("continue_final_message")]
+
+
+def test_a_server_that_can_read_no_10_fails_logits_items_on_a_0_to_10_rubric_but_scores_a_1_to_5_one() -> None:
+    answer = lambda body, n: completion("4", {"4": 0.6, "5": 0.4})  # noqa: E731
+    with FakeChatServer(probes_then(answer, continues=False, ten="1")) as server:
+        served = judge(server)
+        outcomes = served.score([job(), job(1)], "logits", load_rubric("viescore"))
+        assert scoring_requests(server) == []  # asked nothing it could not read
+        [scored] = served.score([job()], "logits", load_rubric("imgedit"))
+    for outcome in outcomes:
+        assert isinstance(outcome, ItemFailure) and outcome.error.code == "bad_param", outcome
+        assert "rubric 'viescore' reaches 10" in outcome.error.message
+        assert "its first token was '1', not '10'" in outcome.error.message
+        assert "HTTP 400: Unrecognized request argument supplied: continue_final_message" in outcome.error.message
+    assert isinstance(scored, Verdict) and scored.overall == pytest.approx(4 * .6 + 5 * .4)
+    assert "logits" not in served.unavailable_modes
+
+
+def test_each_image_is_encoded_once_per_item_however_many_questions_show_it(monkeypatch) -> None:
+    encoded = []
+    real = openai_judge._image_part
+    monkeypatch.setattr(openai_judge, "_image_part", lambda image: encoded.append(image) or real(image))
+    with FakeChatServer(probes_then(lambda body, n: completion("7", {"7": 1.0}))) as server:
+        judge(server).score([job(), job(1)], "logits", load_rubric("viescore"))
+        questions = len(scoring_requests(server))
+    assert questions == 2 * 4 and len(encoded) == 2 * 2  # 4 questions an item, a source and an edit each
 
 
 def test_a_server_without_logprobs_has_no_logits_mode_and_refuses_logits_items_without_asking() -> None:
     with FakeChatServer(probes_then(lambda body, n: completion(GOOD_REPLY), logprobs=False)) as server:
         served = judge(server)
         outcomes = served.score([job(), job(1)], "logits", load_rubric("viescore"))
-        asked = len(server.requests) - 2
+        asked = len(scoring_requests(server))
     assert "returned no logprobs" in served.unavailable_modes["logits"]
     assert asked == 0
     for outcome in outcomes:
@@ -388,7 +450,7 @@ def test_the_sample_is_judged_through_transformers_serve_and_a_second_run_asks_t
         "SCORER_BACKEND": "openai", "SCORER_API_BASE": served_judge["url"], "SCORER_API_MODEL": served_judge["model"],
         "SCORER_API_KEY_FILE": str(key_file), "SCORER_CACHE_DIR": str(tmp_path / "judge-cache"),
         "SCORER_MODE": "generate", "SCORER_MAX_NEW_TOKENS": "8", "SCORER_GENERATE_RETRIES": "0",
-        "SCORER_JUDGE_IMAGE_PX": str(64 * 64), "SCORER_BATCH_SIZE": "8"})
+        "SCORER_JUDGE_IMAGE_PX": str(64 * 64), "SCORER_BATCH_SIZE": "8", "SCORER_API_CONCURRENCY": "16"})
     editor = start_service("editor", [sys.executable, "-m", "editstack.service.echo", "{endpoint}"])
     with Client(scorer.endpoint, timeout_s=30) as client:
         status = client.ping()
@@ -396,6 +458,7 @@ def test_the_sample_is_judged_through_transformers_serve_and_a_second_run_asks_t
         item = ScoreItem(id="x", instruction="add a hat", sources=[blobs.add(SOURCE)], edited=blobs.add(SOURCE))
         refused = client.score(ScoreRequest([item], mode="logits"), blobs).items[0]
     assert status.backend == f"openai-compatible ({served_judge['url']})" and status.embedded_tiny
+    assert status.workers == 2 and status.devices == []  # 16 calls at once: two batches of 8 served together
     assert "openai" in status.versions and "returned no logprobs" in status.score_defaults.unavailable_modes["logits"]
     assert refused.error.code == "bad_param" and "logits mode is unavailable" in refused.error.message
     probes = _judge_calls(served_judge["log"])  # the scorer's own at start

@@ -85,6 +85,9 @@ class ScoreJob:
     reference_text: str = ""
     explanation: str = ""
     meter: Meter = field(default_factory=Meter, compare=False)
+    # a backend's form of each image it shows, by id(image): made once, however many questions show it
+    # (the job holds its images, so no id is reused while it lives)
+    shown_parts: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def has(self) -> set[str]:
@@ -288,7 +291,7 @@ class JudgeBackend(ABC):
         """`job` with every image within the judge's image budget."""
         return replace(job, sources=[_within(image, self.image_px) for image in job.sources],
                        edited=_within(job.edited, self.image_px),
-                       references=[_within(image, self.image_px) for image in job.references])
+                       references=[_within(image, self.image_px) for image in job.references], shown_parts={})
 
 
 def _within(image: Image.Image, max_px: int) -> Image.Image:

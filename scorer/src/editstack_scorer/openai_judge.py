@@ -13,13 +13,19 @@ with the HTTP status and the server's message; never a score.
 
 Logits mode reads the `top_logprobs` (20, the most OpenAI's API gives) of a one-token completion:
 P(first answer token = "d") for the digits, probabilities outside the top 20 counting as 0 (the
-transformers judge reads them all). On a scale reaching 10 the answer 10 is one token "10" with
-some tokenizers (OpenAI's), then read as it is, or "1" then "0" with others (Qwen's), and then
-P("0" | "1") comes from a second request whose reply is prefilled with "1" (vLLM's and SGLang's
-`continue_final_message`), as the transformers judge reads it in its single pass. At load a probe
-asks for logprobs: a server that returns none (`transformers serve` ignores the field) or refuses
-them has no logits mode: ping says so (ScoreDefaults.unavailable_modes) and a logits request fails
-its items with bad_param, never switched to generate mode.
+transformers judge reads them all). At load a probe asks for logprobs: a server that returns none
+(`transformers serve` ignores the field) or refuses them has no logits mode: ping says so
+(ScoreDefaults.unavailable_modes) and a logits request fails its items with bad_param, never
+switched to generate mode.
+
+On a scale reaching 10, the answer 10 starts with a "1" where the tokenizer splits it (Qwen's: "1",
+"0") and is one token "10" where it does not (OpenAI's). A "10" among the candidates is read as it
+is. A "1" without one is followed up, where the server can continue a reply prefilled with "1"
+(vLLM's and SGLang's `continue_final_message`), by asking P("0" | "1"), as the transformers judge
+reads it in its single pass. A server that cannot (OpenAI's own API refuses the field) is asked once
+at load how it writes 10: as one token, a "1" is the answer 1 and P(10) is below the top 20, so 0;
+split, it cannot say P(10) at all, and a logits question on such a scale fails its item with
+bad_param naming why (a 1-5 rubric is unaffected).
 
 The API key goes to the client and nowhere else: not to the log, Status, the cache key or the run
 folder, and any server message that echoes it has it removed.
@@ -51,6 +57,9 @@ TOP_LOGPROBS = 20  # the most OpenAI's API returns; vLLM's default limit is 20 a
 _PROBE_PAUSE_S = 5.0
 # The reply is continued rather than answered anew: vLLM's and SGLang's chat-completions extensions.
 _CONTINUE_REPLY = {"continue_final_message": True, "add_generation_prompt": False}
+_TEN_PROBE = [{"role": "user", "content": "Reply with the number 10 and nothing else."}]
+# how a "1" without a "10" beside it is read on a scale reaching 10 (the module's docstring)
+CONTINUE, ONE_TOKEN_TEN = "continue the reply", "10 is one token"
 
 
 class OpenAIJudge(JudgeBackend):
@@ -84,9 +93,14 @@ class OpenAIJudge(JudgeBackend):
                             "image_px": image_px, "top_logprobs": TOP_LOGPROBS}
         start = time.monotonic()
         self._wait_for_server(start_timeout_s)
+        self._ten = ""  # CONTINUE, ONE_TOKEN_TEN, or why a logits answer of 10 cannot be read
         if reason := self._logprobs_missing():
             self.unavailable_modes["logits"] = reason
             log.warning("logits mode is unavailable with this judge: %s", reason)
+        else:
+            self._ten = self._how_ten_is_read()
+            self.fingerprint["ten"] = self._ten
+            log.info("logits mode on a scale reaching 10: %s", self._ten)
         log.info("judge %s at %s answered in %.2f s; %d requests at once, %.0f s each, %d retries", model, api_base,
                  time.monotonic() - start, concurrency, timeout_s, retries)
 
@@ -127,6 +141,25 @@ class OpenAIJudge(JudgeBackend):
                     f"top_logprobs={TOP_LOGPROBS}; use generate mode")
         return ""
 
+    def _how_ten_is_read(self) -> str:
+        """CONTINUE where the server continues a prefilled reply, else ONE_TOKEN_TEN where its model
+        writes 10 as one token, else why a logits answer of 10 cannot be read here."""
+        try:
+            self.client.chat.completions.create(model=self.model, messages=[*_TEN_PROBE, {"role": "assistant",
+                                                                                          "content": "1"}],
+                                                max_tokens=1, extra_body=_CONTINUE_REPLY)
+            return CONTINUE
+        except openai.BadRequestError as exc:
+            refused = self._cause(exc)
+        response = self.client.chat.completions.create(model=self.model, messages=_TEN_PROBE, max_tokens=1,
+                                                       logprobs=True, top_logprobs=TOP_LOGPROBS)
+        candidates = _top_candidates(response)
+        first = candidates[0].token.strip() if candidates else ""
+        if first == "10":
+            return ONE_TOKEN_TEN
+        return (f"asked to reply 10, its first token was {first!r}, not '10', and it cannot continue a reply "
+                f"prefilled with '1' ({refused}): P(10) cannot be read; use generate mode or a 1-5 rubric")
+
     # ---- the backend's calls -------------------------------------------------------------------
 
     def _answer_distributions(self, jobs: list[ScoreJob], rubric: Rubric, question: Question,
@@ -134,16 +167,22 @@ class OpenAIJudge(JudgeBackend):
         return [self._answer(jobs[i], rubric, question) for i in indices]
 
     def _answer(self, job: ScoreJob, rubric: Rubric, question: Question) -> Answer:
+        tens = rubric.scale[1] >= 10
+        if tens and self._ten not in (CONTINUE, ONE_TOKEN_TEN):  # asked nothing: the answer would be unreadable
+            raise ItemFailure("bad_param", f"rubric {rubric.id!r} reaches 10 and this judge cannot give the "
+                                           f"probability of 10 in logits mode: {self._ten}")
         messages = self._messages(rubric, rubric.groups[question.group].images, job,
                                   rubric.question_prompt(question, job.context))
         first = self._first_token(job, messages)
         digits = [first.get(str(d), 0.0) for d in range(10)]
         one, ten = digits[1], first.get("10", 0.0)
-        if rubric.scale[1] < 10 or one + ten == 0:  # no answer 10, or no "1" to tell from it
+        if not tens or one + ten == 0:  # no answer 10, or no "1" to tell from it
             return digits, 0.0, 0
         if ten > 0:  # a tokenizer with a token "10" writes 10 so: its "1" is the answer 1
             digits[1] = one + ten
             return digits, ten / (one + ten), 0
+        if self._ten == ONE_TOKEN_TEN:  # its "10" is below the top 20
+            return digits, 0.0, 0
         after_one = self._first_token(job, [*messages, {"role": "assistant", "content": "1"}], _CONTINUE_REPLY)
         return digits, after_one.get("0", 0.0), 0
 
@@ -174,16 +213,26 @@ class OpenAIJudge(JudgeBackend):
         return response.choices[0].message.content or "", 0  # the server does not count visual tokens apart
 
     def _complete(self, job: ScoreJob, messages: list[dict[str, Any]], **options: Any) -> ChatCompletion:
-        """One chat completion for `job`, its tokens and seconds (retries included) added to its meter."""
+        """One chat completion for `job`, its tokens and seconds (retries included) added to its meter;
+        a call that finally fails is charged its seconds too (no tokens: the server counted none)."""
         start = time.monotonic()
-        response = self.client.chat.completions.create(model=self.model, messages=messages, **options)
+        try:
+            response = self.client.chat.completions.create(model=self.model, messages=messages, **options)
+        except openai.APIError:
+            job.meter.add(0, 0, time.monotonic() - start)
+            raise
         usage = response.usage
         job.meter.add(usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
                       time.monotonic() - start)
         return response
 
     def _messages(self, rubric: Rubric, images: tuple[str, ...], job: ScoreJob, text: str) -> list[dict[str, Any]]:
-        return chat_messages(rubric, images, job, text, _image_part)[0]
+        def part(image: Image.Image) -> dict[str, Any]:  # encoded once per job: a rubric asks several questions
+            if (made := job.shown_parts.get(id(image))) is None:
+                made = job.shown_parts[id(image)] = _image_part(image)
+            return made
+
+        return chat_messages(rubric, images, job, text, part)[0]
 
     def _each(self, run: Callable[[list[int]], list[_Out]], indices: list[int],
               batch: bool = True) -> list[_Out | ItemFailure]:
