@@ -208,8 +208,11 @@ def test_score_only_scores_an_existing_edits_folder_without_an_editor(tmp_path, 
     for item in sample_items[:6]:
         (edits / item.category).mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((48, 48, 3), 120, np.uint8)).save(edits / item.category / f"{item.id}.png")
-    config = _config(tmp_path, {**services, "editor": "ipc:///nonexistent/editor.sock"}, limit=7)
-    result = _run(config, "--only", "score", "--edits", str(edits), "--run-dir", str(tmp_path / "scored"))
+    elsewhere = "ipc:///nonexistent/scorer.sock"  # the file's scorers; --scorer names the one to use instead
+    config = _config(tmp_path, {"editor": "ipc:///nonexistent/editor.sock", "scorer": elsewhere}, limit=7,
+                     scorer__endpoints=[elsewhere])
+    result = _run(config, "--only", "score", "--edits", str(edits), "--run-dir", str(tmp_path / "scored"),
+                  "--scorer", services["scorer"])
     assert result.returncode == 1  # the 7th item has no edit
     records = {r["id"]: r for r in _records(tmp_path / "scored")}
     assert len(records) == 7, result.stderr[-3000:]

@@ -5,7 +5,7 @@
     editstack score ENDPOINT --source A.png --edited B.png --instruction TEXT [--mode logits|generate]
     editstack run   [--config BENCH.yaml] [--categories C ...] [--limit N] [--run-dir DIR]
                     [--only edit|score] [--edits DIR] [--dataset SPEC] [--strict] [--protocol NAME]
-                    [--editor ENDPOINT ...] [--scorer ENDPOINT] [--connect-timeout S] [--set KEY=VALUE ...]
+                    [--editor ENDPOINT ...] [--scorer ENDPOINT ...] [--connect-timeout S] [--set KEY=VALUE ...]
     editstack export RUN --layout gedit|kris|rise|imgedit OUT [--overwrite]
     editstack compare RUN RUN [RUN ...] --out DIR [--allow-different-judges]
     editstack judgecheck ENDPOINT --out DIR [--mode M] [--rubric ID] [--cases-per-type N] [--seed N]
@@ -121,7 +121,9 @@ def _run(args: argparse.Namespace) -> int:
         "dataset": args.dataset, "categories": args.categories, "limit": args.limit,
         "limit_per_category": args.limit_per_category, "run_dir": args.run_dir,
         "only": args.only, "edits": args.edits, "strict": True if args.strict else None,
-        "editor.endpoints": args.editor, "scorer.endpoint": args.scorer, "connect_timeout_s": args.connect_timeout,
+        "editor.endpoints": args.editor, "connect_timeout_s": args.connect_timeout,
+        # the scorers named here replace the file's, its single scorer.endpoint included
+        "scorer.endpoints": args.scorer, "scorer.endpoint": args.scorer[0] if args.scorer else None,
         "scorer.judge_repeats": args.judge_repeats, "scorer.protocol": args.protocol,
     }.items() if value is not None}
     logging.getLogger().setLevel(logging.INFO)
@@ -220,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "benchmark's own layout (as `editstack export` writes it)")
     run.add_argument("--strict", action="store_true", help="invalid dataset items are fatal")
     run.add_argument("--editor", action="append", metavar="ENDPOINT", help="editor endpoint (repeat for several)")
-    run.add_argument("--scorer", metavar="ENDPOINT", help="scorer endpoint")
+    run.add_argument("--scorer", action="append", metavar="ENDPOINT", help="scorer endpoint (repeat for several)")
     run.add_argument("--protocol", metavar="NAME", help="judge and report as this benchmark does: gedit, kris, rise, "
                                                          "imgedit or viescore (default: the dataset's own)")
     run.add_argument("--judge-repeats", type=int, metavar="K",
