@@ -1,13 +1,17 @@
 """Authenticated, encrypted tcp: `editstack keys`, a service that refuses plain tcp unless told
-insecure, a CURVE round trip, an unknown key refused by name, keys kept out of logs and run
-folders, and services found through a rendezvous folder."""
+insecure, a CURVE round trip, an unknown key refused by name (and a greeting cut once not taken
+for a refusal), keys kept out of logs and run folders, and services found through a rendezvous
+folder."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import stat
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -143,6 +147,55 @@ def test_a_known_key_round_trips_and_an_unknown_one_is_refused_by_name(tmp_path,
                     assert line.split('"')[1] not in log
     finally:
         service.stop()
+
+
+class _CutFirstGreeting:
+    """A fake network in front of a tcp service: a relay that closes the first connection as soon as
+    the client's greeting arrives (how a service dying mid-greeting looks) and relays every later one."""
+
+    def __init__(self, target: str) -> None:
+        self.target = ("127.0.0.1", int(target.rsplit(":", 1)[1]))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # the listener closed: the test is over
+            while True:
+                client, _ = self.listener.accept()
+                self.connections += 1
+                if self.connections == 1:
+                    client.recv(64)
+                    client.close()
+                    continue
+                service = socket.create_connection(self.target)
+                for source, sink in ((client, service), (service, client)):
+                    threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
+def test_a_plain_tcp_greeting_cut_once_is_a_drop_the_client_gets_past_not_a_refusal() -> None:
+    server = Server("tcp://127.0.0.1:*", lambda: fake_scorer_status(server), Limits(),
+                    security=ServerSecurity(insecure_tcp=True))
+    with _serving(server, FakeScorerWorker()):
+        relay = _CutFirstGreeting(server.endpoint)
+        try:
+            with Client(relay.endpoint, timeout_s=5, retries=0) as client:  # no resend: the cut request gets through
+                assert client.ping().service == "scorer"
+        finally:
+            relay.close()
+    assert relay.connections >= 2
 
 
 def test_the_runner_finds_curve_services_in_a_rendezvous_and_keeps_keys_out_of_the_run_folder(tmp_path, keys,

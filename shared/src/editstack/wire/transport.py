@@ -24,7 +24,10 @@ drops (the service died or restarted), so a crash is noticed in milliseconds, no
 timeout. Every wait has a timeout, and a call may have a wall-time budget over all its attempts.
 A client that has somewhere else to send (the runner's shared queue) passes resend_on_drop=False:
 a dropped connection then ends the call at once. The monitor also sees a failed CURVE handshake,
-which raises AuthenticationRefused at once instead of "no reply".
+which raises AuthenticationRefused instead of "no reply": at once when the service says why, after
+_SILENT_REFUSALS failures in a row when it only closes the connection mid-greeting (libzmq's
+HANDSHAKE_FAILED_NO_DETAIL), which a service dying mid-greeting does once too; libzmq reconnects
+between them by itself, and a greeting that then succeeds delivers the request.
 """
 
 from __future__ import annotations
@@ -397,6 +400,7 @@ class Client:
         poller.register(socket, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
         deadline = time.monotonic() + wait_s
+        silent = 0  # greetings in a row the service closed without a word
         while (left_s := deadline - time.monotonic()) > 0:
             events = dict(poller.poll(left_s * 1000))
             if socket in events:
@@ -404,9 +408,16 @@ class Client:
             if monitor not in events:
                 continue
             event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # a reconnect got through: the request goes with it
+                silent = 0
+                continue
             if event == zmq.EVENT_DISCONNECTED:
+                if silent:  # the end of a greeting closed mid-way, counted already: libzmq reconnects
+                    continue
                 log.log(self._miss_level, "connection to %s dropped while waiting for a reply", self.endpoint)
                 return "dropped"
+            if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and (silent := silent + 1) < _SILENT_REFUSALS:
+                continue
             self._reset()
             raise AuthenticationRefused(self.endpoint, _HANDSHAKE_FAILURES[event] if self.curve else
                                         "it requires CURVE, and this client has no keys for it")
@@ -445,7 +456,7 @@ class Client:
             if self.curve is not None:
                 self.curve.apply(socket)
             # ipc has no security handshake: one that fails there is a peer dying mid-connect, not a refusal
-            events = zmq.EVENT_DISCONNECTED | (_HANDSHAKE_FAILED if self.endpoint.startswith("tcp://") else 0)
+            events = zmq.EVENT_DISCONNECTED | (_HANDSHAKE_EVENTS if self.endpoint.startswith("tcp://") else 0)
             self._monitor = socket.get_monitor_socket(events)
             socket.connect(self.endpoint)
             self._socket = socket
@@ -466,8 +477,11 @@ _HANDSHAKE_FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the handshake failed: a plain tcp service, or another protocol",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the handshake failed: is this the service's public key?",
 }
-_HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | \
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+# greetings closed mid-way, in a row, that make a refusal (one is also how a dying service looks;
+# libzmq retries every 100 ms, its default reconnect interval)
+_SILENT_REFUSALS = 3
+_HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | \
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED
 
 
 def _expect(reply: Reply, kind: type, endpoint: str) -> Any:
