@@ -77,6 +77,11 @@ def test_a_slurm_job_runs_on_two_nodes_with_their_gpus_and_survives_a_killed_edi
     _wait(lambda: recorded() >= 3 or not running(), 300, "three items were not recorded")
     assert running(), f"the job ended early:\n{(tmp_path / 'job.out').read_text()[-3000:]}"
     steps = dict(line.split() for line in _slurm(env, "squeue", "-h", "--steps", "-j", job, "-o", "%i %j").splitlines())
+    # 2 CPUs a node (--ntasks-per-node=2): n1's split between its scorer and editor, n2's all its editor's
+    cpus = {name: next(word.split("=")[1] for word in _slurm(env, "scontrol", "show", "step", step).split()
+                       if word.startswith("CPUs=")) for step, name in steps.items()}
+    assert {name: cpus[name] for name in ("scorer", "editor-n1", "editor-n2")} == \
+        {"scorer": "1", "editor-n1": "1", "editor-n2": "2"}, cpus
     killed = next(step for step, name in steps.items() if name == "editor-n2")
     assert recorded() < ITEMS - 3, "the run was nearly over before the editor step was killed"
     _slurm(env, "scancel", killed)
