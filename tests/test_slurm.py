@@ -106,3 +106,13 @@ def test_a_slurm_job_runs_on_two_nodes_with_their_gpus_and_survives_a_killed_edi
     assert "CANCELLED" in (run_dir / "slurm" / "editor-n2.log").read_text()
     key = (run_dir / "keys" / "client.key_secret").read_text().split('secret-key = "')[1].split('"')[0]
     assert key not in log and key not in (run_dir / "manifest.json").read_text()
+
+
+def test_a_job_with_no_gpu_left_for_an_editor_stops_at_once_saying_what_to_ask_for(cluster, tmp_path) -> None:
+    env = {**cluster, "RUN_DIR": str(tmp_path / "run"), "EDITSTACK_RUNNER_VENV": str(Path(sys.executable).parent.parent)}
+    job = _slurm(env, "sbatch", "--parsable", "--nodes=1", "--gres=gpu:1", f"--output={tmp_path}/job.out",
+                 str(ROOT / "scripts/slurm/editstack.sbatch")).strip()
+    _wait(lambda: not _slurm(env, "squeue", "-h", "-j", job).strip(), 120, f"job {job} did not end")
+    assert "ExitCode=2:0" in _slurm(env, "scontrol", "show", "job", job)
+    assert "no GPU is left for an editor" in (tmp_path / "job.out").read_text()
+    assert not (tmp_path / "run" / "slurm" / "scorer.log").exists(), "a service was started all the same"
