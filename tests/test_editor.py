@@ -172,6 +172,9 @@ def test_model_offload_and_float8_layerwise_casting_edit_on_a_cpu_and_are_report
         reply, received = _edit(client, [SOURCE], seeds=[0], steps=2)
     assert (defaults.offload, defaults.layerwise_cast) == ("model", "float8_e4m3fn")
     assert reply.items[0].error is None
+    # the weights really are stored in float8, most of them (layerwise casting keeps norms as they were)
+    weights = service.tail().split("transformer weights ")[1].split("\n")[0]
+    assert weights.split("(")[1].startswith("float8_e4m3fn"), weights
     assert read_image(reply.items[0].image, received, Limits()).shape == (64, 64, 3)
 
 
