@@ -81,6 +81,19 @@ def _edit(client: Client, steps: int = 2, size: int = 64) -> EditReply:
     return reply
 
 
+def _keep_busy(service) -> None:
+    """Start about a minute of work on the service's one worker and return once it has started: its
+    child computes and does not read its pipe until the end."""
+
+    def long_edit() -> None:
+        with Client(service.endpoint, timeout_s=60, retries=0) as client, contextlib.suppress(EditstackError):
+            _edit(client, steps=1000, size=256)
+
+    threading.Thread(target=long_edit, daemon=True).start()
+    with Client(service.endpoint, timeout_s=2, retries=0) as client:
+        _wait_for(lambda: (s := _ping(client)) and s.busy == 1, 60, "the edit never started")
+
+
 def test_each_device_gets_its_own_worker_process(start_editor) -> None:
     service = start_editor(model="identity", devices="cpu,cpu")
     workers = _workers(service.proc.pid)
@@ -167,13 +180,7 @@ def test_sigterm_mid_batch_stops_the_service_and_leaves_no_child_process(start_e
     children = _children(service.proc.pid)
     assert len(_workers(service.proc.pid)) == 1, children
 
-    def endless_edit() -> None:  # about a minute of work: the child is busy, not waiting on its pipe
-        with Client(service.endpoint, timeout_s=60, retries=0) as client, contextlib.suppress(EditstackError):
-            _edit(client, steps=1000, size=256)
-
-    threading.Thread(target=endless_edit, daemon=True).start()
-    with Client(service.endpoint, timeout_s=2, retries=0) as client:
-        _wait_for(lambda: (s := _ping(client)) and s.busy == 1, 60, "the edit never started")
+    _keep_busy(service)
     service.proc.send_signal(signal.SIGTERM)
     assert service.proc.wait(30) == 0
     # the busy worker was stopped before the service exited (left alone, it would edit on for seconds);
@@ -183,19 +190,11 @@ def test_sigterm_mid_batch_stops_the_service_and_leaves_no_child_process(start_e
               f"children of the stopped service still run: {children}")
 
 
-
-
 def test_a_killed_service_takes_its_busy_worker_process_with_it(start_editor) -> None:
     service = start_editor(threads="1")
     [child] = _workers(service.proc.pid)
 
-    def long_edit() -> None:  # about a minute of work: the child would not read its pipe until its end
-        with Client(service.endpoint, timeout_s=60, retries=0) as client, contextlib.suppress(EditstackError):
-            _edit(client, steps=1000, size=256)
-
-    threading.Thread(target=long_edit, daemon=True).start()
-    with Client(service.endpoint, timeout_s=2, retries=0) as client:
-        _wait_for(lambda: (s := _ping(client)) and s.busy == 1, 60, "the edit never started")
+    _keep_busy(service)
     service.proc.send_signal(signal.SIGKILL)
     service.proc.wait(30)
     try:
