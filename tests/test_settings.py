@@ -82,6 +82,8 @@ def test_compose_passes_every_setting_to_its_service(service: str) -> None:
     ("editor", "EDITOR_STEPS", "abc", "editor: EDITOR_STEPS='abc': expected `int`"),
     ("scorer", "SCORER_RUBRIC", "nope",
      "scorer: SCORER_RUBRIC='nope': unknown rubric 'nope'; known rubrics: imgedit, kris, rise, viescore"),
+    ("editor", "EDITOR_DEVICES", ",", "editor: EDITOR_DEVICES=',' lists no device (e.g. cuda:0,cuda:1 or cpu)"),
+    ("scorer", "SCORER_DEVICES", " , ", "scorer: SCORER_DEVICES=' , ' lists no device (e.g. cuda:0,cuda:1 or cpu)"),
 ])
 def test_a_service_with_a_bad_setting_exits_2_with_one_line(service: str, variable: str, value: str,
                                                             line: str) -> None:

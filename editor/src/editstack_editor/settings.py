@@ -76,6 +76,8 @@ class EditorSettings(LimitSettings, frozen=True):
 
     def check(self) -> EditorSettings:
         """These settings, or SettingsError for a combination no worker could load."""
+        if not self.device_list:
+            raise SettingsError(f"EDITOR_DEVICES={self.devices!r} lists no device (e.g. cuda:0,cuda:1 or cpu)")
         cpus = [device for device in self.device_list if device.startswith("cpu")]
         if self.offload == "group" and cpus:
             # diffusers 0.39's group offloading needs an accelerator: on a CPU-only machine it raises

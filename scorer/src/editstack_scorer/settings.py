@@ -83,6 +83,8 @@ class ScorerSettings(LimitSettings, frozen=True):
         if self.api_base:
             return (f"SCORER_API_BASE is set but SCORER_BACKEND is {self.backend!r}: set SCORER_BACKEND=openai to "
                     "judge through that server")
+        if not self.device_list:
+            return f"SCORER_DEVICES={self.devices!r} lists no device (e.g. cuda:0,cuda:1 or cpu)"
         return None
 
     @property
