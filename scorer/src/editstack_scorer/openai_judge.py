@@ -100,7 +100,8 @@ class OpenAIJudge(JudgeBackend):
         else:
             self._ten = self._how_ten_is_read()
             self.fingerprint["ten"] = self._ten
-            log.info("logits mode on a scale reaching 10: %s", self._ten)
+            log.log(logging.INFO if self._ten in (CONTINUE, ONE_TOKEN_TEN) else logging.WARNING,
+                    "logits mode on a scale reaching 10: %s", self._ten)
         log.info("judge %s at %s answered in %.2f s; %d requests at once, %.0f s each, %d retries", model, api_base,
                  time.monotonic() - start, concurrency, timeout_s, retries)
 
