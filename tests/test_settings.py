@@ -84,6 +84,7 @@ def test_compose_passes_every_setting_to_its_service(service: str) -> None:
      "scorer: SCORER_RUBRIC='nope': unknown rubric 'nope'; known rubrics: imgedit, kris, rise, viescore"),
     ("editor", "EDITOR_DEVICES", ",", "editor: EDITOR_DEVICES=',' lists no device (e.g. cuda:0,cuda:1 or cpu)"),
     ("scorer", "SCORER_DEVICES", " , ", "scorer: SCORER_DEVICES=' , ' lists no device (e.g. cuda:0,cuda:1 or cpu)"),
+    ("scorer", "SCORER_DEVICE", "cuda:0", "scorer: SCORER_DEVICE is now SCORER_DEVICES; set that instead"),
 ])
 def test_a_service_with_a_bad_setting_exits_2_with_one_line(service: str, variable: str, value: str,
                                                             line: str) -> None:

@@ -27,6 +27,7 @@ class ScorerSettings(LimitSettings, frozen=True):
     """SCORER_<FIELD> for each field, e.g. SCORER_MODEL=Qwen/Qwen3-VL-8B-Instruct, SCORER_DEVICES=cuda:0,cuda:1."""
 
     other_names = ("gpu_ids",)  # SCORER_GPU_IDS: the host GPUs compose reserves for the scorer
+    renamed = {"device": "devices"}  # a list since the judge runs one process per device
 
     model: str = EMBEDDED_MODEL  # a model id or folder, or "embedded-tiny"
     revision: str = ""  # a branch, tag or commit of the model repository; "" = its default

@@ -31,6 +31,9 @@ class LimitSettings(msgspec.Struct, frozen=True):
     # PREFIX_* names that are not the service's settings but are read around it (compose reserves
     # EDITOR_GPU_IDS), so they are not reported as misspelt settings
     other_names: ClassVar[tuple[str, ...]] = ()
+    # settings that changed name, old -> new: an old name still set is an error saying the new one,
+    # not a warning, since the service would otherwise run on the default (a judge on the CPU)
+    renamed: ClassVar[dict[str, str]] = {}
 
     max_message_bytes: int = Limits.max_message_bytes
     max_image_px: int = Limits.max_image_px
@@ -63,8 +66,12 @@ def settings_from_env(cls: type[S], prefix: str, environ: Mapping[str, str] | No
     """`cls` filled from PREFIX_FIELD variables (FIELD upper-cased), typed and checked by msgspec.
 
     Logs one warning for each PREFIX_* variable that names no setting; raises SettingsError naming
-    the variable and its value when a value does not fit its setting."""
+    the variable and its value when a value does not fit its setting, or naming the new name of a
+    renamed one."""
     environ = os.environ if environ is None else environ
+    for old, new in cls.renamed.items():
+        if environ.get(f"{prefix}{old.upper()}"):
+            raise SettingsError(f"{prefix}{old.upper()} is now {prefix}{new.upper()}; set that instead")
     fields = {f"{prefix}{name.upper()}": name for name in cls.__struct_fields__}
     known = fields.keys() | {f"{prefix}{name.upper()}" for name in cls.other_names}
     for variable in sorted(name for name in environ if name.startswith(prefix) and name not in known):
