@@ -36,7 +36,7 @@ from editstack.wire.transport import Client
 from editstack_scorer.backend import ScoreJob
 from editstack_scorer.cache import JudgeCache
 from editstack_scorer import openai_judge
-from editstack_scorer.openai_judge import ONE_TOKEN_TEN, OpenAIJudge
+from editstack_scorer.openai_judge import CONTINUE, ONE_TOKEN_TEN, OpenAIJudge
 from editstack_scorer.rubric import answer_distribution, expected_score, load_rubric
 from editstack_scorer.settings import ScorerSettings
 from editstack_scorer.worker import ScorerWorker
@@ -122,23 +122,29 @@ def scoring_requests(server: FakeChatServer) -> list[tuple[float, dict]]:
     return [(arrived, body) for arrived, body in server.requests if not is_probe(body)]
 
 
-def probes_then(scoring: Callable[[dict, int], Answer], logprobs: bool = True, continues: bool = True,
-                ten: str = "10") -> Callable[[dict, int], Answer]:
-    """Answers the judge's start-up probes as a server that gives logprobs or not, continues a
-    prefilled reply or refuses the field, and writes 10 with the first token `ten`; then each
-    question with `scoring` (n counting questions only)."""
+def probes_then(scoring: Callable[[dict, int], Answer], logprobs: bool = True, ten: str = "10",
+                after_one: str | None = "0") -> Callable[[dict, int], Answer]:
+    """Answers the judge's start-up probes as a server that gives logprobs or not, whose model writes
+    10 with the first token `ten`, and that continues a reply prefilled with "1" with the token
+    `after_one` (None: it refuses the field, as OpenAI's API does); then each question with `scoring`
+    (n counting questions only)."""
     questions = itertools.count()
 
     def answer(body: dict, n: int) -> Answer:
         if not is_probe(body):
             return scoring(body, next(questions))
         if body.get("continue_final_message"):
-            return completion("0", {"0": 0.9}) if continues else refusal(
-                400, "Unrecognized request argument supplied: continue_final_message")
+            return refusal(400, "Unrecognized request argument supplied: continue_final_message") \
+                if after_one is None else completion(after_one, {after_one: 0.9})
         if "number 10" in body["messages"][0]["content"]:
-            return completion(ten, {ten: 0.8, "9": 0.1})
+            return completion(ten, {"9": 0.1, ten: 0.8})  # not in order: the most probable is the answer
         return completion("5", {"5": 0.9} if logprobs and body.get("logprobs") else None)
     return answer
+
+
+def continued(server: FakeChatServer) -> list[dict]:
+    """The requests, probes included, that asked the server to continue a prefilled reply."""
+    return [body for _, body in server.requests if body.get("continue_final_message")]
 
 
 def judge(server: FakeChatServer, **options) -> OpenAIJudge:
@@ -204,6 +210,20 @@ def test_a_server_that_does_not_answer_in_time_fails_the_item_naming_the_timeout
     assert (usage.calls, usage.prompt_tokens) == (1, 0) and usage.judge_s >= 0.5
 
 
+def test_an_item_whose_call_finally_fails_reports_the_seconds_it_cost_in_its_usage() -> None:
+    def overloaded(body: dict, n: int) -> Answer:
+        time.sleep(0.3)  # a long generation, and then a 5xx: the time (and perhaps money) was spent
+        return refusal(503, "the model is overloaded")
+
+    with FakeChatServer(probes_then(overloaded)) as server:
+        worker = ScorerWorker(judge(server, retries=0), ScoreJob, ScorerSettings(mode="generate"))
+        [result] = _handle(worker, ["add a hat"]).items
+    assert result.error.code == "model_error" and "HTTP 503" in result.error.message
+    assert (result.cached, result.usage.calls, result.usage.prompt_tokens, result.usage.completion_tokens) == \
+        (False, 1, 0, 0)  # the server counted no tokens
+    assert result.usage.judge_s >= 0.3
+
+
 def test_a_refused_key_stops_the_judge_at_start_without_showing_the_key(caplog) -> None:
     caplog.set_level(logging.DEBUG)
     answer = lambda body, n: refusal(401, f"Incorrect API key provided: {API_KEY}")  # noqa: E731
@@ -224,8 +244,10 @@ def test_logits_mode_reads_top_logprobs_and_asks_what_follows_a_1_as_the_transfo
             return completion("0", {"0": 0.25, "<|im_end|>": 0.7})
         return completion("7", first)
 
-    with FakeChatServer(probes_then(answer)) as server:
-        [verdict] = judge(server).score([job()], "logits", load_rubric("viescore"))
+    with FakeChatServer(probes_then(answer, ten="1")) as server:
+        served = judge(server)
+        [verdict] = served.score([job()], "logits", load_rubric("viescore"))
+    assert served.fingerprint["ten"] == CONTINUE
     dist, mass = answer_distribution([first.get(str(d), 0.0) for d in range(10)], 0.25, (0, 10))
     assert isinstance(verdict, Verdict) and verdict.mode == "logits"
     assert verdict.sub_scores["naturalness"] == pytest.approx(expected_score(dist))
@@ -236,25 +258,31 @@ def test_logits_mode_reads_top_logprobs_and_asks_what_follows_a_1_as_the_transfo
 def test_logits_mode_reads_a_single_token_10_as_the_answer_10_without_a_second_request() -> None:
     with FakeChatServer(probes_then(lambda body, n: completion("10", {"10": 0.6, "9": 0.3, "1": 0.1}))) as server:
         [verdict] = judge(server).score([job()], "logits", load_rubric("viescore"))
-        prefilled = [body for _, body in scoring_requests(server) if body.get("continue_final_message")]
-    assert verdict.sub_scores["no_artifacts"] == pytest.approx(10 * .6 + 9 * .3 + 1 * .1) and not prefilled
+    assert verdict.sub_scores["no_artifacts"] == pytest.approx(10 * .6 + 9 * .3 + 1 * .1) and not continued(server)
 
 
-def test_a_server_that_cannot_continue_a_reply_but_writes_10_as_one_token_reads_a_lone_1_as_the_answer_1() -> None:
-    # OpenAI's own API: continue_final_message refused, "10" one token (below the top 20 here)
+@pytest.mark.parametrize("after_one", ["0", None], ids=["vllm-serving-it", "openai-api"])
+def test_a_model_that_writes_10_as_one_token_reads_a_lone_1_as_the_answer_1_and_never_continues_a_reply(
+        after_one) -> None:
+    # "10" one token, below the top 20 here; OpenAI's API would refuse the continuation with HTTP 400
     answer = lambda body, n: completion("1", {"1": 0.7, "2": 0.3})  # noqa: E731
-    with FakeChatServer(probes_then(answer, continues=False, ten="10")) as server:
+    with FakeChatServer(probes_then(answer, ten="10", after_one=after_one)) as server:
         served = judge(server)
         [verdict] = served.score([job()], "logits", load_rubric("viescore"))
-        asked = scoring_requests(server)
     assert served.fingerprint["ten"] == ONE_TOKEN_TEN  # it decides the answers, so it keys the cache
     assert isinstance(verdict, Verdict) and verdict.sub_scores["naturalness"] == pytest.approx(1 * .7 + 2 * .3)
-    assert not [body for _, body in asked if body.get("continue_final_message")]
+    assert continued(server) == []
 
 
-def test_a_server_that_can_read_no_10_fails_logits_items_on_a_0_to_10_rubric_but_scores_a_1_to_5_one() -> None:
+@pytest.mark.parametrize(("after_one", "why"), [
+    (None, "answered HTTP 400: Unrecognized request argument supplied: continue_final_message"),
+    ("1", "continuing a reply prefilled with '1' its first token was '1', not '0'"),  # the field ignored
+], ids=["refuses-the-field", "ignores-the-field"])
+def test_a_server_that_can_read_no_10_fails_logits_items_on_a_0_to_10_rubric_but_scores_a_1_to_5_one(
+        after_one, why, caplog) -> None:
+    caplog.set_level(logging.WARNING)
     answer = lambda body, n: completion("4", {"4": 0.6, "5": 0.4})  # noqa: E731
-    with FakeChatServer(probes_then(answer, continues=False, ten="1")) as server:
+    with FakeChatServer(probes_then(answer, ten="1", after_one=after_one)) as server:
         served = judge(server)
         outcomes = served.score([job(), job(1)], "logits", load_rubric("viescore"))
         assert scoring_requests(server) == []  # asked nothing it could not read
@@ -262,10 +290,11 @@ def test_a_server_that_can_read_no_10_fails_logits_items_on_a_0_to_10_rubric_but
     for outcome in outcomes:
         assert isinstance(outcome, ItemFailure) and outcome.error.code == "bad_param", outcome
         assert "rubric 'viescore' reaches 10" in outcome.error.message
-        assert "its first token was '1', not '10'" in outcome.error.message
-        assert "HTTP 400: Unrecognized request argument supplied: continue_final_message" in outcome.error.message
+        assert "its first token was '1', not '10'" in outcome.error.message and why in outcome.error.message
     assert isinstance(scored, Verdict) and scored.overall == pytest.approx(4 * .6 + 5 * .4)
-    assert "logits" not in served.unavailable_modes
+    assert "logits" not in served.unavailable_modes and served.fingerprint["ten"] == "unreadable"
+    assert why in caplog.text  # said at start, not only per item
+    assert len(continued(server)) == 1  # one probe, no question
 
 
 def test_each_image_is_encoded_once_per_item_however_many_questions_show_it(monkeypatch) -> None:

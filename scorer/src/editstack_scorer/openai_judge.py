@@ -18,14 +18,17 @@ transformers judge reads them all). At load a probe asks for logprobs: a server 
 (ScoreDefaults.unavailable_modes) and a logits request fails its items with bad_param, never
 switched to generate mode.
 
-On a scale reaching 10, the answer 10 starts with a "1" where the tokenizer splits it (Qwen's: "1",
-"0") and is one token "10" where it does not (OpenAI's). A "10" among the candidates is read as it
-is. A "1" without one is followed up, where the server can continue a reply prefilled with "1"
-(vLLM's and SGLang's `continue_final_message`), by asking P("0" | "1"), as the transformers judge
-reads it in its single pass. A server that cannot (OpenAI's own API refuses the field) is asked once
-at load how it writes 10: as one token, a "1" is the answer 1 and P(10) is below the top 20, so 0;
-split, it cannot say P(10) at all, and a logits question on such a scale fails its item with
-bad_param naming why (a 1-5 rubric is unaffected).
+On a scale reaching 10, reading the answer 10 depends on how the tokenizer writes it, which two
+probes at start settle (one request each, only where logprobs come back). A model that writes 10 as
+one token (OpenAI's tokenizers) has a "10" among the candidates read as it is, and a "1" without one
+is the answer 1, its "10" below the top 20: no reply is ever continued. A model that writes "1", "0"
+(Qwen's) needs a server that continues a reply prefilled with "1" (vLLM's and SGLang's
+`continue_final_message`): its "1" is followed up by asking P("0" | "1"), as the transformers judge
+reads it in its single pass. The second probe checks that the server accepts that field and obeys
+it (a "0" follows), since one that ignored it would answer anew. Where neither holds (a split
+tokenizer behind a server that refuses the field, as OpenAI's API does), P(10) cannot be read: a
+logits question on such a scale fails its item with bad_param naming why, while 1-5 rubrics are
+read as usual. What was found is logged and keys the judge cache (`fingerprint["ten"]`).
 
 The API key goes to the client and nowhere else: not to the log, Status, the cache key or the run
 folder, and any server message that echoes it has it removed.
@@ -58,8 +61,8 @@ _PROBE_PAUSE_S = 5.0
 # The reply is continued rather than answered anew: vLLM's and SGLang's chat-completions extensions.
 _CONTINUE_REPLY = {"continue_final_message": True, "add_generation_prompt": False}
 _TEN_PROBE = [{"role": "user", "content": "Reply with the number 10 and nothing else."}]
-# how a "1" without a "10" beside it is read on a scale reaching 10 (the module's docstring)
-CONTINUE, ONE_TOKEN_TEN = "continue the reply", "10 is one token"
+# how a logits answer of 10 is read (the module's docstring)
+ONE_TOKEN_TEN, CONTINUE = "10 is one token", "continue the reply"
 
 
 class OpenAIJudge(JudgeBackend):
@@ -93,15 +96,18 @@ class OpenAIJudge(JudgeBackend):
                             "image_px": image_px, "top_logprobs": TOP_LOGPROBS}
         start = time.monotonic()
         self._wait_for_server(start_timeout_s)
-        self._ten = ""  # CONTINUE, ONE_TOKEN_TEN, or why a logits answer of 10 cannot be read
+        self._ten, self._no_ten = "", ""  # ONE_TOKEN_TEN or CONTINUE, else why neither holds
         if reason := self._logprobs_missing():
             self.unavailable_modes["logits"] = reason
             log.warning("logits mode is unavailable with this judge: %s", reason)
         else:
-            self._ten = self._how_ten_is_read()
-            self.fingerprint["ten"] = self._ten
-            log.log(logging.INFO if self._ten in (CONTINUE, ONE_TOKEN_TEN) else logging.WARNING,
-                    "logits mode on a scale reaching 10: %s", self._ten)
+            self._ten, self._no_ten = self._how_ten_is_read()
+            # it decides the answers on a 0-10 scale; the wording of why not does not
+            self.fingerprint["ten"] = self._ten or "unreadable"
+            if self._ten:
+                log.info("logits mode on a scale reaching 10: %s", self._ten)
+            else:
+                log.warning("logits mode on a scale reaching 10 is unavailable with this judge: %s", self._no_ten)
         log.info("judge %s at %s answered in %.2f s; %d requests at once, %.0f s each, %d retries", model, api_base,
                  time.monotonic() - start, concurrency, timeout_s, retries)
 
@@ -142,24 +148,25 @@ class OpenAIJudge(JudgeBackend):
                     f"top_logprobs={TOP_LOGPROBS}; use generate mode")
         return ""
 
-    def _how_ten_is_read(self) -> str:
-        """CONTINUE where the server continues a prefilled reply, else ONE_TOKEN_TEN where its model
-        writes 10 as one token, else why a logits answer of 10 cannot be read here."""
+    def _how_ten_is_read(self) -> tuple[str, str]:
+        """ONE_TOKEN_TEN where the model writes 10 as one token, else CONTINUE where the server continues
+        a reply prefilled with "1"; else "" and why neither holds."""
+        written = _top_token(self.client.chat.completions.create(
+            model=self.model, messages=_TEN_PROBE, max_tokens=1, logprobs=True, top_logprobs=TOP_LOGPROBS))
+        if written == "10":
+            return ONE_TOKEN_TEN, ""
+        split = f"asked to reply 10, its first token was {written!r}, not '10'"
+        unreadable = "P(10) cannot be read; use generate mode or a 1-5 rubric"
         try:
-            self.client.chat.completions.create(model=self.model, messages=[*_TEN_PROBE, {"role": "assistant",
-                                                                                          "content": "1"}],
-                                                max_tokens=1, extra_body=_CONTINUE_REPLY)
-            return CONTINUE
+            response = self.client.chat.completions.create(
+                model=self.model, messages=[*_TEN_PROBE, {"role": "assistant", "content": "1"}], max_tokens=1,
+                logprobs=True, top_logprobs=TOP_LOGPROBS, extra_body=_CONTINUE_REPLY)
         except openai.BadRequestError as exc:
-            refused = self._cause(exc)
-        response = self.client.chat.completions.create(model=self.model, messages=_TEN_PROBE, max_tokens=1,
-                                                       logprobs=True, top_logprobs=TOP_LOGPROBS)
-        candidates = _top_candidates(response)
-        first = candidates[0].token.strip() if candidates else ""
-        if first == "10":
-            return ONE_TOKEN_TEN
-        return (f"asked to reply 10, its first token was {first!r}, not '10', and it cannot continue a reply "
-                f"prefilled with '1' ({refused}): P(10) cannot be read; use generate mode or a 1-5 rubric")
+            return "", f"{split}, and it cannot continue a reply prefilled with '1' ({self._cause(exc)}): {unreadable}"
+        if (after_one := _top_token(response)) != "0":  # the fields accepted but ignored: it answered anew
+            return "", (f"{split}, and continuing a reply prefilled with '1' its first token was {after_one!r}, "
+                        f"not '0' (does it ignore continue_final_message?): {unreadable}")
+        return CONTINUE, ""
 
     # ---- the backend's calls -------------------------------------------------------------------
 
@@ -169,9 +176,9 @@ class OpenAIJudge(JudgeBackend):
 
     def _answer(self, job: ScoreJob, rubric: Rubric, question: Question) -> Answer:
         tens = rubric.scale[1] >= 10
-        if tens and self._ten not in (CONTINUE, ONE_TOKEN_TEN):  # asked nothing: the answer would be unreadable
+        if tens and not self._ten:  # asked nothing: the answer would be unreadable
             raise ItemFailure("bad_param", f"rubric {rubric.id!r} reaches 10 and this judge cannot give the "
-                                           f"probability of 10 in logits mode: {self._ten}")
+                                           f"probability of 10 in logits mode: {self._no_ten}")
         messages = self._messages(rubric, rubric.groups[question.group].images, job,
                                   rubric.question_prompt(question, job.context))
         first = self._first_token(job, messages)
@@ -278,6 +285,12 @@ def _top_candidates(response: ChatCompletion) -> list[Any]:
     logprobs = response.choices[0].logprobs if response.choices else None
     content = logprobs.content if logprobs else None
     return list(content[0].top_logprobs) if content else []
+
+
+def _top_token(response: ChatCompletion) -> str:
+    """The first reply token's most probable candidate, stripped of spaces ("" where none came back)."""
+    candidates = _top_candidates(response)
+    return max(candidates, key=lambda c: c.logprob).token.strip() if candidates else ""
 
 
 def _image_part(image: Image.Image) -> dict[str, Any]:
